@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Set up and run the project from a fresh clone with nothing but python3.
+
+    python3 dev.py demo     # the embedded broker, materializer, demo bidder and gateway
+    python3 dev.py test     # the whole test suite (extra pytest arguments pass through)
+    python3 dev.py bench    # every benchmark, into bench/RESULTS.md
+
+It creates .venv, installs the package with its dev extra from PyPI, and, for the tests
+and benches, the Debian tools they drive (nginx, wrk, promtool) when run as root.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PYTHON = VENV / "bin" / "python"
+DEBIAN_TOOLS = {"nginx": "nginx", "wrk": "wrk", "promtool": "prometheus"}
+
+
+def ensure_venv() -> None:
+    """Create the virtualenv and install the package into it (once; again when pyproject changes)."""
+    stamp = VENV / ".installed"
+    pyproject = ROOT / "pyproject.toml"
+    if stamp.exists() and stamp.stat().st_mtime >= pyproject.stat().st_mtime:
+        return
+    if not PYTHON.exists():
+        venv.create(VENV, with_pip=True)
+    pip = [str(PYTHON), "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "install", "-U", "pip"], check=True)
+    subprocess.run([*pip, "install", "-e", f"{ROOT}[dev]"], check=True)
+    stamp.touch()
+
+
+def ensure_debian_tools() -> None:
+    """Install the Debian packages the tests and benches drive, if missing and we may."""
+    missing = sorted({pkg for tool, pkg in DEBIAN_TOOLS.items() if not shutil.which(tool, path=_sbin_path())})
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        print(f"dev.py: not installing {', '.join(missing)} (needs root and apt-get); "
+              "the tests that drive them will be skipped", file=sys.stderr)
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=env)
+
+
+def _sbin_path() -> str:
+    return os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in {"demo", "test", "bench"}:
+        print(__doc__, file=sys.stderr)
+        return 2
+    what, rest = argv[0], argv[1:]
+    ensure_venv()
+    os.environ["PATH"] = _sbin_path()
+    if what == "demo":
+        return subprocess.call([str(PYTHON), "-m", "gateway", "demo", *rest])
+    ensure_debian_tools()
+    if what == "bench":
+        return subprocess.call([str(PYTHON), str(ROOT / "bench" / "run_all.py"), *rest])
+    code = subprocess.call([str(PYTHON), "-m", "pytest", *rest], cwd=ROOT)
+    if code == 5:
+        print("dev.py: no test ran; that is a failure", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,47 @@
+"""Settings of `gateway serve`, parsed once by the CLI and passed down as one value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_COMMANDS_TOPIC = "blacklist.commands"
+DEFAULT_RANGES_TOPIC = "blacklist.ranges"
+
+
+def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """Split `HOST:PORT`, `[V6]:PORT` or `:PORT` into a host and a port number."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    host = host.strip("[]") or default_host
+    return host, int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaConfig:
+    bootstrap: str
+    commands_topic: str = DEFAULT_COMMANDS_TOPIC
+    ranges_topic: str = DEFAULT_RANGES_TOPIC
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    kafka: KafkaConfig
+    upstreams: tuple[str, ...]
+    listen: tuple[str, int] = ("0.0.0.0", 8080)
+    admin_listen: tuple[str, int] = ("127.0.0.1", 8081)
+    admin_token: str | None = None
+    budget_ms: float = 100.0
+    reject_status: int = 403
+    timeout_status: int = 204
+    upstream_error_status: int = 502
+    trusted_proxies: tuple[str, ...] = ()
+    openrtb: bool = False
+    workers: int = 1
+    snapshot: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_header_bytes: int = 8 << 10
+    max_in_flight: int = 512
+    idle_timeout_s: float = 30.0
+    access_log: bool = False
+    json_logs: bool = False

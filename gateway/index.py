@@ -1,0 +1,91 @@
+"""The lookup index of the request path: one Patricia trie per address family.
+
+Each trie maps the CIDR prefixes of the stored ranges to an owner count. While a
+command's records are applied, two ranges may overlap for a moment and share a prefix;
+the count keeps that prefix until the last range holding it is gone, so an address
+blocked before and after a command is never let through in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pytricia
+
+from .addresses import BITS, format_address, packed
+from .cidrs import range_to_cidrs
+from .ranges import Change
+
+_MAPPED_PREFIX = "::ffff:"
+
+
+class Index:
+    __slots__ = ("_v4", "_v6", "_tries")
+
+    def __init__(self) -> None:
+        self._v4 = pytricia.PyTricia(32)
+        self._v6 = pytricia.PyTricia(128)
+        self._tries = {4: self._v4, 6: self._v6}
+
+    @classmethod
+    def build(cls, ranges: Iterable[tuple[int, int, int]]) -> Index:
+        """Build an index at once from (version, first, last) ranges in address order.
+
+        Much faster than applying records one by one: disjoint ranges own their
+        prefixes alone, so no counts need reading. Overlapping input (a view caught
+        in the middle of a command) falls back to counting for the ranges that overlap.
+        """
+        index = cls()
+        last_end = {4: -1, 6: -1}
+        for version, start, end in ranges:
+            if start <= last_end[version]:
+                index.add(version, start, end)
+            else:
+                trie, bits = index._tries[version], BITS[version]
+                for network, length in range_to_cidrs(start, end, bits):
+                    trie.insert(packed(version, network), length, 1)
+            last_end[version] = max(last_end[version], end)
+        return index
+
+    def blocks(self, ip: str) -> bool:
+        """Whether a client address (canonical text, as from a socket) is blacklisted."""
+        if ":" not in ip:
+            return ip in self._v4
+        if ip.startswith(_MAPPED_PREFIX) and "." in ip:
+            return ip[7:] in self._v4
+        return ip in self._v6
+
+    def update(self, change: Change) -> None:
+        """Apply one stored view record: its new coverage first, then drop the old."""
+        version, start, old_end, new_end = change
+        if new_end is not None:
+            self.add(version, start, new_end)
+        if old_end is not None:
+            self.remove(version, start, old_end)
+
+    def add(self, version: int, start: int, end: int) -> None:
+        trie = self._tries[version]
+        for prefix in _prefixes(version, start, end):
+            trie[prefix] = trie[prefix] + 1 if trie.has_key(prefix) else 1
+
+    def remove(self, version: int, start: int, end: int) -> None:
+        trie = self._tries[version]
+        for prefix in _prefixes(version, start, end):
+            if not trie.has_key(prefix):
+                continue
+            owners = trie[prefix] - 1
+            if owners:
+                trie[prefix] = owners
+            else:
+                trie.delete(prefix)
+
+    def prefixes(self, version: int) -> int:
+        """How many prefixes the family's trie holds."""
+        return len(self._tries[version])
+
+
+def _prefixes(version: int, start: int, end: int) -> list[str]:
+    return [
+        f"{format_address(version, network)}/{length}"
+        for network, length in range_to_cidrs(start, end, BITS[version])
+    ]

@@ -1,0 +1,59 @@
+"""The embedded broker: starts on a free port, speaks Kafka, stops by PID (and on SIGTERM via run_broker)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from gateway.broker import free_port, kafka_answers, start_broker
+
+
+async def test_session_broker_round_trips_a_record(kafka_bootstrap, unique_topic):
+    topic = unique_topic("echo")
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        meta = await producer.send_and_wait(topic, b"hello", key=b"k", headers=[("actor", b"me")])
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        record = await consumer.getone()
+    finally:
+        await consumer.stop()
+    assert (record.offset, record.key, record.value) == (meta.offset, b"k", b"hello")
+    assert list(record.headers) == [("actor", b"me")]
+
+
+def test_start_and_stop_by_pid():
+    broker = start_broker()
+    try:
+        assert kafka_answers(broker.host, broker.port)
+    finally:
+        broker.stop()
+    assert broker.process.poll() is not None
+    assert not kafka_answers(broker.host, broker.port, timeout=0.3)
+
+
+def test_run_broker_prints_bootstrap_and_stops_child_on_sigterm():
+    port = free_port()
+    code = f"from gateway.broker import run_broker; run_broker({port})"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"127.0.0.1:{port}" in line
+        assert kafka_answers("127.0.0.1", port)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(10) == 0
+        deadline = time.monotonic() + 5
+        while kafka_answers("127.0.0.1", port, timeout=0.3) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not kafka_answers("127.0.0.1", port, timeout=0.3)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
