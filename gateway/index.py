@@ -79,9 +79,15 @@ class Index:
             else:
                 trie.delete(prefix)
 
-    def prefixes(self, version: int) -> int:
-        """How many prefixes the family's trie holds."""
-        return len(self._tries[version])
+    def prefixes(self, version: int) -> dict[str, int]:
+        """The family's prefixes and their owner counts (for checks and status, not lookups)."""
+        trie = self._tries[version]
+        return {prefix: trie[prefix] for prefix in trie}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Index):
+            return NotImplemented
+        return all(self.prefixes(v) == other.prefixes(v) for v in (4, 6))
 
 
 def _prefixes(version: int, start: int, end: int) -> list[str]:

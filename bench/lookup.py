@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Index and fold costs at 1k, 100k and 1M ranges: ns per lookup, build time, memory.
+
+    .venv/bin/python bench/lookup.py [--sizes 1000,100000,1000000] [--out bench/out/lookup.json]
+
+The ranges are random CIDRs as blocklists carry them: three quarters IPv4 (/16 to /32),
+one quarter IPv6 (/32 to /64), folded into a canonical RangeSet first. Memory is the
+growth of the process's resident set while the structure is built (pytricia allocates
+in C, where tracemalloc cannot see).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import ipaddress
+import json
+import random
+import time
+from pathlib import Path
+
+from gateway.addresses import format_address
+from gateway.commands import BLACKLIST, WHITELIST, Command
+from gateway.index import Index
+from gateway.ranges import RangeSet
+
+PROBES = 200_000
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def random_command(rng: random.Random, action: str = BLACKLIST) -> Command:
+    if rng.random() < 0.75:
+        length = rng.choice([16, 20, 22, 24, 24, 24, 28, 32, 32, 32])
+        network = ipaddress.IPv4Network((rng.getrandbits(32) >> (32 - length) << (32 - length), length))
+    else:
+        length = rng.choice([32, 40, 48, 48, 56, 64, 64])
+        network = ipaddress.IPv6Network((rng.getrandbits(128) >> (128 - length) << (128 - length), length))
+    return Command(action, network)  # type: ignore[arg-type]
+
+
+def build_ranges(n: int, rng: random.Random) -> RangeSet:
+    ranges = RangeSet()
+    while len(ranges) < n:
+        ranges.apply(random_command(rng))
+    return ranges
+
+
+def probes(ranges: RangeSet, version: int, hit: bool, rng: random.Random) -> list[str]:
+    spans = [(s, e) for _, s, e in ranges.ranges(version)]
+    bits = 32 if version == 4 else 128
+    out = []
+    while len(out) < PROBES:
+        if hit:
+            start, end = rng.choice(spans)
+            address = rng.randint(start, end)
+        else:
+            address = rng.getrandbits(bits)
+            if ranges.find(version, address):
+                continue
+        out.append(format_address(version, address))
+    return out
+
+
+def ns_per_lookup(index: Index, ips: list[str]) -> float:
+    blocks = index.blocks
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter_ns()
+        for ip in ips:
+            blocks(ip)
+        best = min(best, (time.perf_counter_ns() - t0) / len(ips))
+    return best
+
+
+def measure(n: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    gc.collect()
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
+    ranges = build_ranges(n, rng)
+    fold_s = time.perf_counter() - t0
+    gc.collect()
+    rss1 = rss_bytes()
+    t0 = time.perf_counter()
+    index = Index.build(ranges.ranges())
+    build_s = time.perf_counter() - t0
+    gc.collect()
+    rss2 = rss_bytes()
+
+    row = {
+        "ranges": len(ranges),
+        "ranges_v4": ranges.count(4),
+        "ranges_v6": ranges.count(6),
+        "prefixes": len(index.prefixes(4)) + len(index.prefixes(6)),
+        "fold_all_s": round(fold_s, 2),
+        "build_s": round(build_s, 2),
+        "index_mb": round((rss2 - rss1) / 2**20, 1),
+        "rangeset_mb": round((rss1 - rss0) / 2**20, 1),
+    }
+    for version in (4, 6):
+        for hit in (True, False):
+            row[f"ns_v{version}_{'hit' if hit else 'miss'}"] = round(
+                ns_per_lookup(index, probes(ranges, version, hit, rng)))
+    # A follower's bootstrap: every view record parsed from text and stored.
+    records = [(format_address(v, s), format_address(v, e)) for v, s, e in ranges.ranges()]
+    view = RangeSet()
+    t0 = time.perf_counter()
+    for key, value in records:
+        view.store(key, value)
+    row["store_s"] = round(time.perf_counter() - t0, 2)
+    del records
+    # One command at this size: the materializer's fold, then a follower's view and index update.
+    commands = [random_command(rng, rng.choice([BLACKLIST, WHITELIST])) for _ in range(5000)]
+    t0 = time.perf_counter()
+    batches = [ranges.apply(command) for command in commands]
+    row["fold_us_per_command"] = round((time.perf_counter() - t0) / len(commands) * 1e6, 1)
+    t0 = time.perf_counter()
+    for batch in batches:
+        for key, value in batch:
+            index.update(view.store(key, value))
+    row["follow_us_per_command"] = round((time.perf_counter() - t0) / len(commands) * 1e6, 1)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1000,100000,1000000")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", default="bench/out/lookup.json")
+    args = parser.parse_args()
+    rows = [measure(int(n), args.seed) for n in args.sizes.split(",")]
+    columns = list(rows[0])
+    print(" | ".join(columns))
+    for row in rows:
+        print(" | ".join(str(row[c]) for c in columns))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
