@@ -16,8 +16,8 @@ def parse_address(text: str) -> tuple[int, int]:
     except (OSError, TypeError):
         pass
     try:
-        return 6, int(ipaddress.IPv6Address(text))
-    except ValueError:
+        return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+    except (OSError, TypeError):
         raise ValueError(f"not an IP address: {text!r}") from None
 
 

@@ -7,7 +7,7 @@ adjacent), and every command costs O(log n + ranges it touches).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from sortedcontainers import SortedDict
 
@@ -29,6 +29,31 @@ class RangeSet:
     def __init__(self) -> None:
         self._spans: dict[int, SortedDict] = {4: SortedDict(), 6: SortedDict()}
         self._addresses = {4: 0, 6: 0}
+
+    @classmethod
+    def from_view(cls, records: Iterable[Record], on_error: Callable[[Record, ValueError], None] | None = None) -> RangeSet:
+        """Load the stored ranges of a view at once (bootstrap): much faster than `store` per record.
+
+        `records` holds the last value of each key (tombstones may be included). Malformed
+        records are skipped and passed to `on_error`.
+        """
+        ranges = cls()
+        loaded: dict[int, list[Span]] = {4: [], 6: []}
+        for record in records:
+            key, value = record
+            if value is None:
+                continue
+            try:
+                version, start, end = _parse_range(key, value)
+            except ValueError as exc:
+                if on_error is not None:
+                    on_error(record, exc)
+                continue
+            loaded[version].append((start, end))
+        for version, spans in loaded.items():
+            ranges._spans[version] = SortedDict(spans)
+            ranges._addresses[version] = sum(end - start + 1 for start, end in spans)
+        return ranges
 
     # -- folding commands (the materializer) --------------------------------------
 
@@ -69,12 +94,11 @@ class RangeSet:
 
     def store(self, key: str, value: str | None) -> Change:
         """Set one view record as the topic stores it; raise ValueError if it is malformed."""
-        version, start = parse_address(key)
-        end = None
-        if value is not None:
-            end_version, end = parse_address(value)
-            if end_version != version or end < start:
-                raise ValueError(f"bad view record {key!r} = {value!r}: not a range")
+        if value is None:
+            version, start = parse_address(key)
+            end = None
+        else:
+            version, start, end = _parse_range(key, value)
         old = self._spans[version].get(start)
         self._set(version, start, end)
         return version, start, old, end
@@ -164,6 +188,14 @@ class RangeSet:
         if end is not None:
             spans[start] = end
             self._addresses[version] += end - start + 1
+
+
+def _parse_range(key: str, value: str) -> tuple[int, int, int]:
+    version, start = parse_address(key)
+    end_version, end = parse_address(value)
+    if end_version != version or end < start:
+        raise ValueError(f"bad view record {key!r} = {value!r}: not a range")
+    return version, start, end
 
 
 def fold(commands: Iterable[Command]) -> RangeSet:

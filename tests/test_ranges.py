@@ -141,3 +141,17 @@ def _text(version, address):
     from gateway.addresses import format_address
 
     return format_address(version, address)
+
+
+def test_from_view_loads_the_last_value_of_each_key_and_skips_poison():
+    bad = []
+    ranges = RangeSet.from_view(
+        [("10.0.0.0", "10.0.0.99"), ("10.0.1.0", None), ("banana", "10.0.0.1"), ("2001:db8::", "2001:db8::ff")],
+        on_error=lambda record, exc: bad.append(record),
+    )
+    want = RangeSet()
+    want.store("10.0.0.0", "10.0.0.99")
+    want.store("2001:db8::", "2001:db8::ff")
+    assert ranges == want
+    assert ranges.addresses(4) == 100 and ranges.addresses(6) == 256
+    assert bad == [("banana", "10.0.0.1")]
