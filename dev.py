@@ -6,7 +6,7 @@
     python3 dev.py bench    # every benchmark, into bench/RESULTS.md
 
 It creates .venv, installs the package with its dev extra from PyPI, and, for the tests
-and benches, the Debian tools they drive (nginx, wrk, promtool) when run as root.
+and benches, the Debian tools they drive (nginx, wrk, promtool, haproxy) when run as root.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PYTHON = VENV / "bin" / "python"
-DEBIAN_TOOLS = {"nginx": "nginx", "wrk": "wrk", "promtool": "prometheus"}
+# command -> Debian package: bidder stub and baseline proxy, load generator, the checkers
+# of deploy/ (Prometheus rules, HAProxy config).
+DEBIAN_TOOLS = {"nginx": "nginx", "wrk": "wrk", "promtool": "prometheus", "haproxy": "haproxy"}
 
 
 def ensure_venv() -> None:
