@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Run every bench and write bench/RESULTS.md with tables, charts, the machine and versions.
+
+    python3 dev.py bench            # or: .venv/bin/python bench/run_all.py [--quick]
+
+Each bench is its own script that stops by itself, loads only loopback and writes
+bench/out/<name>.json as {"title", "command", "rows": [...], "targets": [...], ...}.
+This script runs them one after another (never side by side: 2 cores), then renders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+OUT = BENCH / "out"
+PY = sys.executable
+
+# name -> arguments (full run, quick run)
+BENCHES: dict[str, tuple[list[str], list[str]]] = {
+    "lookup": ([], ["--sizes", "1000,100000"]),
+    "bootstrap": ([], ["--sizes", "100000"]),
+    "propagation": ([], ["--commands", "200"]),
+    "materializer": ([], ["--lines", "100000"]),
+    "proxy": ([], ["--duration", "3"]),
+}
+
+
+def machine() -> dict[str, str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    versions = {name: metadata.version(name) for name in ("aiohttp", "aiokafka", "uvloop", "pytricia", "httptools")}
+    tools = {}
+    for tool, flag in (("nginx", "-v"), ("wrk", "-v")):
+        try:
+            done = subprocess.run([tool, flag], capture_output=True, text=True, timeout=5)
+            tools[tool] = (done.stdout + done.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            tools[tool] = "not installed"
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory": f"{mem_kb / 2**20:.0f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        **versions,
+        **tools,
+    }
+
+
+def run(name: str, args: list[str]) -> dict | None:
+    script = BENCH / f"{name}.py"
+    if not script.exists():
+        print(f"run_all: {name}: no bench/{name}.py", file=sys.stderr)
+        return None
+    command = [PY, str(script), *args, "--out", str(OUT / f"{name}.json")]
+    print(f"run_all: {' '.join(command[1:])}", flush=True)
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=BENCH.parent)
+    if done.returncode != 0:
+        print(f"run_all: {name} failed with exit code {done.returncode}", file=sys.stderr)
+        return None
+    result = json.loads((OUT / f"{name}.json").read_text())
+    result["command"] = " ".join(["python", f"bench/{name}.py", *args])
+    result["seconds"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)\n"
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def charts(results: dict[str, dict]) -> list[str]:
+    """PNG charts beside RESULTS.md; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    proxy = results.get("proxy")
+    if proxy:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        for target in dict.fromkeys(row["target"] for row in proxy["rows"]):
+            rows = sorted((r for r in proxy["rows"] if r["target"] == target), key=lambda r: r["concurrency"])
+            xs = [r["concurrency"] for r in rows]
+            left.plot(xs, [r["rps"] for r in rows], marker="o", label=target)
+            right.plot(xs, [r["p99_ms"] for r in rows], marker="o", label=target)
+        left.set(xlabel="concurrent connections", ylabel="requests/s", title="Throughput", xscale="log")
+        right.set(xlabel="concurrent connections", ylabel="p99 latency (ms)", title="p99 latency", xscale="log")
+        left.legend()
+        fig.tight_layout()
+        fig.savefig(BENCH / "proxy.png", dpi=100)
+        made.append("proxy.png")
+    lookup = results.get("lookup")
+    if lookup:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [r["ranges"] for r in lookup["rows"]]
+        for key in ("ns_v4_hit", "ns_v4_miss", "ns_v6_hit", "ns_v6_miss"):
+            ax.plot(xs, [r[key] for r in lookup["rows"]], marker="o", label=key[3:])
+        ax.axhline(1000, color="grey", linestyle="--", label="target 1 µs")
+        ax.set(xlabel="ranges in the index", ylabel="ns per lookup", xscale="log", title="Lookup cost")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(BENCH / "lookup.png", dpi=100)
+        made.append("lookup.png")
+    propagation = results.get("propagation")
+    if propagation and propagation.get("samples_ms"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.hist(propagation["samples_ms"], bins=50)
+        ax.set(xlabel="command published → enforced (ms)", ylabel="commands", title="Propagation")
+        fig.tight_layout()
+        fig.savefig(BENCH / "propagation.png", dpi=100)
+        made.append("propagation.png")
+    plt.close("all")
+    return made
+
+
+def render(results: dict[str, dict], info: dict[str, str], quick: bool) -> str:
+    parts = [
+        "# Bench results\n",
+        f"Generated by `python3 dev.py bench{' --quick' if quick else ''}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
+        " Every figure of one bench comes from one run; ratios compare targets measured side by side.\n",
+        "## Machine\n",
+        table([info]),
+    ]
+    for name, result in results.items():
+        parts.append(f"## {result.get('title', name)}\n")
+        parts.append(f"Command: `{result['command']}` ({result['seconds']} s)\n")
+        if result.get("notes"):
+            parts.append(result["notes"] + "\n")
+        parts.append(table(result["rows"]))
+        if result.get("targets"):
+            parts.append("Against the targets of DESIGN.md:\n")
+            parts.append(table(result["targets"]))
+        if (BENCH / f"{name}.png").exists():
+            parts.append(f"![{name}]({name}.png)\n")
+    return "\n".join(parts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and shorter loads")
+    parser.add_argument("--only", help="comma-separated bench names")
+    args = parser.parse_args()
+    OUT.mkdir(exist_ok=True)
+    names = args.only.split(",") if args.only else list(BENCHES)
+    results = {}
+    for name in names:
+        result = run(name, BENCHES[name][1 if args.quick else 0])
+        if result is not None:
+            results[name] = result
+    charts(results)
+    (BENCH / "RESULTS.md").write_text(render(results, machine(), args.quick))
+    print(f"run_all: wrote {BENCH / 'RESULTS.md'}")
+    return 0 if len(results) == len(names) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
