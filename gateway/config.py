@@ -43,5 +43,6 @@ class ServeConfig:
     max_header_bytes: int = 8 << 10
     max_in_flight: int = 512
     idle_timeout_s: float = 30.0
+    request_timeout_s: float = 5.0  # a begun request must be fully received within this
     access_log: bool = False
     json_logs: bool = False

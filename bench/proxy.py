@@ -1,0 +1,391 @@
+"""Request-path benchmark: direct vs this gateway vs a minimal aiohttp proxy vs nginx.
+
+One run, loopback only, bounded durations. An nginx bidder stub answers 200; wrk drives
+each target at c=16 and c=64 (throughput) and c=1 (added latency). The gateway, the
+aiohttp proxy and nginx all hold the same blacklist of N IPv4 ranges (none covering
+loopback, so every request is looked up and forwarded). CPU per request is read from
+/proc/<pid>/stat (utime + stime of the proxy's processes) around each wrk run.
+
+    .venv/bin/python bench/proxy.py [--ranges 100000] [--duration 5] [--workers 1] [--prebuilt]
+
+Prints a table and writes bench/out/proxy.json. The gateway is the real `gateway serve`
+(supervisor + workers, CPU of all counted) against the embedded broker, with the ranges
+published as BLACKLIST commands and materialized first; `--prebuilt` instead runs the
+Proxy alone on uvloop with an index built in-process (no broker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# -- the ranges ---------------------------------------------------------------------------
+
+def blacklist(count: int, seed: int = 7) -> list[tuple[int, int]]:
+    """`count` disjoint, non-adjacent IPv4 ranges (sorted), none in 127.0.0.0/8."""
+    rng = random.Random(seed)
+    low, high = 1 << 24, 223 << 24
+    starts = sorted(rng.sample(range(low, high, 1 << 9), count))  # gaps: never adjacent
+    out = []
+    for start in starts:
+        if start >> 24 == 127:
+            continue
+        out.append((start, start + rng.choice((0, 15, 255))))
+    return out
+
+
+def dotted(value: int) -> str:
+    return socket.inet_ntoa(value.to_bytes(4, "big"))
+
+
+# -- roles run in child processes -----------------------------------------------------------
+
+async def publish_blacklist(kafka: str, ranges: list[tuple[int, int]]) -> None:
+    from gateway.commands import Command, parse_network
+    from gateway.config import KafkaConfig
+    from gateway.publisher import Publisher
+
+    commands = []
+    for start, end in ranges:
+        prefix = 32 - (end - start + 1).bit_length() + 1
+        commands.append(Command("BLACKLIST", parse_network(f"{dotted(start)}/{prefix}")))
+    async with Publisher(KafkaConfig(kafka)) as publisher:
+        for i in range(0, len(commands), 10_000):
+            await publisher.publish_many(commands[i : i + 10_000])
+
+
+def wait_view(admin_port: int, token: str, count: int, timeout: float = 180.0) -> None:
+    """Until the gateway (supervisor and every worker) holds all `count` ranges."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{admin_port}/admin/status",
+                                         headers={"Authorization": f"Bearer {token}"})
+            status = json.loads(urllib.request.urlopen(req, timeout=2).read())
+            applied = status["applied_command"]
+            if status["ranges"]["4"] == count and all(w["applied_command"] == applied for w in status["workers"]):
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the gateway did not get the whole blacklist in time")
+
+
+def role_gateway(port: int, upstream: str, count: int) -> None:
+    import uvloop
+
+    from gateway.config import KafkaConfig, ServeConfig
+    from gateway.index import Index
+    from gateway.proxy import Proxy
+
+    class View:
+        ready = True
+        index = Index.build((4, s, e) for s, e in blacklist(count))
+
+    async def main() -> None:
+        config = ServeConfig(kafka=KafkaConfig("unused:0"), upstreams=(upstream,), listen=("127.0.0.1", port))
+        proxy = Proxy(config, View())
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(4096)
+        await proxy.serve(sock)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+def role_aiohttp(port: int, upstream: str, count: int) -> None:
+    """The minimal proxy the targets compare against: ClientSession, one process, uvloop."""
+    import uvloop
+    from aiohttp import ClientSession, web
+
+    from gateway.index import Index
+
+    index = Index.build((4, s, e) for s, e in blacklist(count))
+
+    async def main() -> None:
+        session = ClientSession()
+
+        async def handle(request: web.Request) -> web.Response:
+            if index.blocks(request.remote):
+                return web.Response(status=403)
+            async with session.request(request.method, upstream + request.path_qs,
+                                       data=await request.read()) as response:
+                return web.Response(status=response.status, body=await response.read())
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+# -- process helpers --------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing answering 200 on port {port}")
+
+
+def tree(pid: int) -> list[int]:
+    """pid and its descendants (nginx master + workers, gateway supervisor + workers)."""
+    pids, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        pids += map(int, children)
+        frontier += map(int, children)
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICKS
+
+
+def render(template: str, **values: object) -> str:
+    text = (HERE / "nginx" / template).read_text()
+    for key, value in values.items():
+        text = text.replace("{" + key + "}", str(value))
+    return text
+
+
+def start_nginx(workdir: Path, name: str, config: str) -> subprocess.Popen:
+    path = workdir / f"{name}.conf"
+    path.write_text(config)
+    return subprocess.Popen(["nginx", "-p", str(workdir), "-c", str(path)], stderr=subprocess.DEVNULL)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# -- wrk --------------------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def wrk(port: int, connections: int, duration: float, pids: list[int]) -> dict:
+    before = cpu_seconds(pids)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "--latency", f"http://127.0.0.1:{port}/bid"],
+        capture_output=True, text=True, check=True, timeout=duration + 30,
+    ).stdout
+    cpu = cpu_seconds(pids) - before
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    latency = {p: float(v) * _UNITS[u] for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)$", out, re.M)}
+    return {
+        "rps": round(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))),
+        "p50_us": round(latency["50"] * 1e6), "p99_us": round(latency["99"] * 1e6),
+        "cpu_us_per_req": round(cpu * 1e6 / requests, 1) if pids else None,
+        "requests": requests, "non_2xx": int(errors.group(1)) if errors else 0,
+    }
+
+
+# -- main -------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ranges", type=int, default=100_000)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    parser.add_argument("--workers", type=int, default=1, help="gateway serve --workers")
+    parser.add_argument("--prebuilt", action="store_true", help="gateway without broker: index built in-process")
+    parser.add_argument("--out", default=str(HERE / "out" / "proxy.json"))
+    parser.add_argument("--role", choices=("gateway", "aiohttp"), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role:
+        {"gateway": role_gateway, "aiohttp": role_aiohttp}[args.role](args.port, args.upstream, args.ranges)
+        return
+    for tool in ("wrk", "nginx"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} not found (Debian: apt-get install -y wrk nginx)")
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    ranges = blacklist(args.ranges)
+    (workdir / "blacklist.geo").write_text("".join(f"{dotted(s)}-{dotted(e)} 1;\n" for s, e in ranges))
+    bidder_port = free_port()
+    upstream = f"http://127.0.0.1:{bidder_port}"
+    processes: list[subprocess.Popen] = []
+    results: dict[str, dict] = {}
+    broker = None
+    try:
+        bidder = start_nginx(workdir, "bidder", render("bidder.conf", dir=workdir, port=bidder_port))
+        processes.append(bidder)
+        wait_http(bidder_port)
+        targets = {"direct": (bidder_port, [])}
+        for name in ("gateway", "aiohttp", "nginx"):
+            port = free_port()
+            if name == "nginx":
+                conf = render("proxy.conf", dir=workdir, port=port, upstream_port=bidder_port)
+                process = start_nginx(workdir, "proxy", conf)
+            elif name == "gateway" and not args.prebuilt:
+                from gateway.broker import start_broker
+
+                broker = start_broker()
+                gw = [sys.executable, "-m", "gateway"]
+                processes.append(subprocess.Popen([*gw, "materialize", "--kafka", broker.bootstrap]))
+                started = time.monotonic()
+                asyncio.run(publish_blacklist(broker.bootstrap, ranges))
+                admin_port, token = free_port(), "bench"
+                process = subprocess.Popen([*gw, "serve", "--kafka", broker.bootstrap, "--upstream", upstream,
+                                            "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin_port}",
+                                            "--admin-token", token, "--workers", str(args.workers)])
+                processes.append(process)
+                wait_view(admin_port, token, len(ranges))
+                print(f"  gateway holds {len(ranges)} ranges ({time.monotonic() - started:.1f} s)", file=sys.stderr)
+            else:
+                process = subprocess.Popen([sys.executable, __file__, "--role", name, "--port", str(port),
+                                            "--upstream", upstream, "--ranges", str(args.ranges)])
+            if process not in processes:
+                processes.append(process)
+            wait_http(port)
+            targets[name] = (port, tree(process.pid))
+        for name, (port, pids) in targets.items():
+            wrk(port, 16, 1, pids)  # warm up: connections, caches
+            results[name] = {f"c{c}": wrk(port, c, args.duration, pids) for c in (1, 16, 64)}
+            print(f"  measured {name}", file=sys.stderr)
+    finally:
+        for process in reversed(processes):
+            stop(process)
+        if broker is not None:
+            broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    report = summarize(results, args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"\nwritten: {args.out}")
+
+
+def summarize(results: dict[str, dict], args: argparse.Namespace) -> dict:
+    """The report in bench/run_all.py's shape (title, rows, targets, notes) plus the details."""
+    gw, aio, ngx, direct = (results[k] for k in ("gateway", "aiohttp", "nginx", "direct"))
+    ratios = {
+        f"c{c}": {
+            "gateway_vs_aiohttp": round(gw[f"c{c}"]["rps"] / aio[f"c{c}"]["rps"], 2),
+            "gateway_vs_nginx": round(gw[f"c{c}"]["rps"] / ngx[f"c{c}"]["rps"], 2),
+        }
+        for c in (16, 64)
+    }
+    added = {
+        name: {"p50_us": results[name]["c1"]["p50_us"] - direct["c1"]["p50_us"],
+               "p99_us": results[name]["c1"]["p99_us"] - direct["c1"]["p99_us"]}
+        for name in ("gateway", "aiohttp", "nginx")
+    }
+    rows = [
+        {"target": name, "concurrency": int(conc[1:]), "rps": r["rps"], "p50_ms": round(r["p50_us"] / 1000, 3),
+         "p99_ms": round(r["p99_us"] / 1000, 3), "cpu_us_per_req": r["cpu_us_per_req"], "non_2xx": r["non_2xx"]}
+        for name, runs in results.items() for conc, r in runs.items()
+    ]
+    cpu = max(gw[c]["cpu_us_per_req"] for c in ("c16", "c64"))
+    worst_aio = min(r["gateway_vs_aiohttp"] for r in ratios.values())
+    worst_ngx = min(r["gateway_vs_nginx"] for r in ratios.values())
+    targets = [
+        {"target": "CPU per forwarded request <= 60 us", "measured": f"{cpu} us (worst of c=16, c=64)", "met": cpu <= 60},
+        {"target": "throughput >= 3x minimal aiohttp proxy", "measured": f"{worst_aio}x (worst)", "met": worst_aio >= 3},
+        {"target": "throughput >= 0.3x nginx proxy_pass", "measured": f"{worst_ngx}x (worst)", "met": worst_ngx >= 0.3},
+        {"target": "added latency at c=1, p50 <= 100 us", "measured": f"{added['gateway']['p50_us']} us",
+         "met": added["gateway"]["p50_us"] <= 100},
+        {"target": "added latency at c=1, p99 <= 300 us", "measured": f"{added['gateway']['p99_us']} us",
+         "met": added["gateway"]["p99_us"] <= 300},
+    ]
+    gateway = ("gateway serve (supervisor + %d worker, real broker and follower)" % args.workers
+               if not args.prebuilt else "the Proxy alone, index built in-process")
+    return {
+        "title": "Request path: gateway vs minimal aiohttp proxy vs nginx (wrk, loopback)",
+        "notes": (f"{args.ranges} IPv4 blacklist ranges in every proxy (loopback not covered, so every request is "
+                  f"looked up and forwarded). gateway = {gateway}; aiohttp = ClientSession proxy, one process, "
+                  "uvloop; nginx = proxy_pass + geo, 1 worker, keepalive upstream. Bidder: nginx return 200. "
+                  f"wrk -t1, {args.duration} s per run; CPU = utime+stime of the proxy's processes / requests. "
+                  "Added latency = p50/p99 at c=1 minus direct (noisy on a shared 2-core machine)."),
+        "rows": rows,
+        "targets": targets,
+        "ratios": ratios,
+        "added_latency_c1_us": added,
+        "machine": {"cpus": os.cpu_count(), "cpu_model": _cpu_model(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+    }
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def table(report: dict) -> str:
+    lines = [f"{'target':8} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>10} {'non-2xx':>7}"]
+    for r in report["rows"]:
+        cpu = "-" if r["cpu_us_per_req"] is None else f"{r['cpu_us_per_req']:.1f}"
+        lines.append(f"{r['target']:8} {r['concurrency']:>4} {r['rps']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8} "
+                     f"{cpu:>10} {r['non_2xx']:>7}")
+    lines.append("")
+    for conc, r in report["ratios"].items():
+        lines.append(f"{conc}: gateway/aiohttp = {r['gateway_vs_aiohttp']}x  gateway/nginx = {r['gateway_vs_nginx']}x")
+    for name, a in report["added_latency_c1_us"].items():
+        lines.append(f"added latency at c=1, {name}: p50 {a['p50_us']:+} us, p99 {a['p99_us']:+} us")
+    for t in report["targets"]:
+        lines.append(f"{'ok    ' if t['met'] else 'MISSED'} {t['target']}: {t['measured']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""`gateway serve`: a supervisor process and N worker processes sharing the proxy port.
+
+Each worker binds the listen address itself with SO_REUSEPORT (the kernel spreads
+connections), runs uvloop, its own follower of the view and the proxy. The supervisor
+binds the same address first without listening: that fails early when the address is
+taken, fixes the port when 0 is asked, and never receives a connection. It runs the admin
+listener with its own follower (gateway/admin.py), gathers the workers' metrics, restarts
+a worker that dies, and on SIGTERM or SIGINT tells every worker to drain: stop accepting,
+close idle keep-alive connections, answer what is in flight (with `Connection: close`),
+then exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from multiprocessing.process import BaseProcess
+
+import uvloop
+
+from .admin import LazyPublisher, WorkerProgress, make_admin_app, start_admin
+from .config import ServeConfig
+from .follower import Follower
+from .logs import setup_logging
+from .metrics import Flusher, Metrics, multiprocess_dir, worker_exited
+from .proxy import Proxy, Stats
+from .ranges import RangeSet
+from .snapshot import load as load_snapshot
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_S = 1.0  # a worker that dies sooner than this after its start is restarted after a pause
+_FORK = multiprocessing.get_context("fork")
+
+
+def run(config: ServeConfig) -> None:
+    """Serve until SIGTERM/SIGINT, then drain the workers and return (blocking)."""
+    setup_logging(json_lines=config.json_logs, access_log=config.access_log)
+    reservation = listen_socket(*config.listen)
+    port = reservation.getsockname()[1]
+    try:
+        with multiprocess_dir():
+            supervisor = Supervisor(config, port)
+            supervisor.start_workers()  # forked before any event loop exists here
+            uvloop.run(supervisor.run())
+    finally:
+        reservation.close()
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port with SO_REUSEPORT (dual-stack when host is IPv6)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(address)
+    return sock
+
+
+def drain_timeout_s(config: ServeConfig) -> float:
+    """Long enough for a request just begun to be read and answered."""
+    return config.request_timeout_s + config.budget_ms / 1000.0 + 0.5
+
+
+# -- the supervisor -----------------------------------------------------------------------------
+
+class Supervisor:
+    def __init__(self, config: ServeConfig, port: int) -> None:
+        self.config = config
+        self.port = port
+        self.progress = WorkerProgress(config.workers)
+        self.workers: list[BaseProcess | None] = [None] * config.workers
+        self.started: list[float] = [0.0] * config.workers
+        self.stopping = False
+
+    def start_workers(self) -> None:
+        for slot in range(self.config.workers):
+            self.start_worker(slot)
+
+    def start_worker(self, slot: int) -> None:
+        process = _FORK.Process(target=worker_main, args=(slot, self.config, self.port, self.progress),
+                                name=f"gateway-worker-{slot}", daemon=False)
+        process.start()
+        self.workers[slot] = process
+        self.started[slot] = time.monotonic()
+        log.info("worker %d started", slot, extra={"pid": process.pid, "port": self.port})
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        for slot, process in enumerate(self.workers):
+            loop.add_reader(process.sentinel, self._exited, slot)
+
+        initial, baseline = initial_view(self.config)
+        follower = Follower(self.config.kafka, initial=initial)
+        publisher = LazyPublisher(self.config.kafka)
+        metrics = Metrics()
+        tasks = [
+            asyncio.create_task(follower.run()),
+            asyncio.create_task(Flusher(metrics, None, follower, reader="admin", baseline=baseline).run()),
+        ]
+        app = make_admin_app(self.config, follower, publisher, progress=self.progress,
+                             registry=metrics.registry, baseline=baseline)
+        admin = await start_admin(app, *self.config.admin_listen, access_log=self.config.access_log)
+        log.info("serving", extra={"listen": f"{self.config.listen[0]}:{self.port}", "workers": self.config.workers,
+                                   "admin": "%s:%d" % self.config.admin_listen})
+        try:
+            await stop.wait()
+            log.info("stopping: draining the workers")
+            await self.stop_workers()
+        finally:
+            follower.stop()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await admin.cleanup()
+            await publisher.stop()
+        log.info("stopped")
+
+    def _exited(self, slot: int) -> None:
+        process = self.workers[slot]
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(process.sentinel)
+        process.join()
+        worker_exited(process.pid)
+        self.progress.reset(slot)
+        if self.stopping:
+            return
+        log.error("worker %d exited unexpectedly (code %s); restarting it", slot, process.exitcode,
+                  extra={"pid": process.pid})
+        delay = RESTART_BACKOFF_S if time.monotonic() - self.started[slot] < RESTART_BACKOFF_S else 0.0
+        loop.call_later(delay, self._restart, slot)
+
+    def _restart(self, slot: int) -> None:
+        if self.stopping:
+            return
+        self.start_worker(slot)
+        asyncio.get_running_loop().add_reader(self.workers[slot].sentinel, self._exited, slot)
+
+    async def stop_workers(self) -> None:
+        """SIGTERM every worker and wait for them to drain; kill those that do not in time."""
+        self.stopping = True
+        alive = [p for p in self.workers if p is not None and p.exitcode is None]
+        for process in alive:
+            os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + drain_timeout_s(self.config) + 5.0
+        while any(p.exitcode is None for p in alive) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for process in alive:
+            if process.exitcode is None:
+                log.error("worker did not drain in time; killing it", extra={"pid": process.pid})
+                process.kill()
+                process.join()
+
+
+def initial_view(config: ServeConfig) -> tuple[tuple[RangeSet, dict[int, int]] | None, float | None]:
+    """The snapshot to start from, if configured and fresh: (view, next offsets) and its time."""
+    if not config.snapshot:
+        return None, None
+    snapshot = load_snapshot(config.snapshot, config.kafka.ranges_topic)
+    if snapshot is None:
+        return None, None
+    view = RangeSet()
+    for key, value in snapshot.records:
+        view.store(key, value)
+    return (view, snapshot.offsets), snapshot.written_at
+
+
+# -- a worker -----------------------------------------------------------------------------------
+
+def worker_main(slot: int, config: ServeConfig, port: int, progress: WorkerProgress) -> None:
+    """Entry of a forked worker process."""
+    # A worker restarted by the running supervisor is forked from inside its event loop.
+    asyncio.events._set_running_loop(None)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    setup_logging(json_lines=config.json_logs, access_log=config.access_log)
+    uvloop.run(serve_worker(slot, config, port, progress))
+
+
+async def serve_worker(slot: int, config: ServeConfig, port: int, progress: WorkerProgress | None = None) -> None:
+    """Follow the view and proxy on host:port until SIGTERM/SIGINT, then drain."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    initial, baseline = initial_view(config)
+    follower = Follower(config.kafka, initial=initial)
+    stats = Stats()
+    proxy = Proxy(config, follower, stats)
+    tasks = [
+        asyncio.create_task(follower.run()),
+        asyncio.create_task(Flusher(Metrics(), stats, follower, baseline=baseline).run()),
+    ]
+    if progress is not None:
+        tasks.append(asyncio.create_task(progress.report(slot, follower)))
+    sock = listen_socket(config.listen[0], port)
+    server = await proxy.serve(sock)
+    try:
+        await stop.wait()
+    finally:
+        server.close()  # stop accepting; accepted connections go on
+        drained = await proxy.drain(drain_timeout_s(config))
+        log.info("worker %d drained%s", slot, "" if drained else " (connections cut at the timeout)",
+                 extra=stats.outcomes())
+        follower.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,216 @@
+"""`gateway serve` as real processes: real broker, real materializer, real HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.config import KafkaConfig
+from gateway.publisher import Publisher
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::", 0))
+        return s.getsockname()[1]
+
+
+@asynccontextmanager
+async def bidder(delay_s: float = 0.0):
+    """A real upstream: answers `bid:<body>` after `delay_s`; counts what it answered."""
+    answered = []
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        await asyncio.sleep(delay_s)
+        answered.append(body)
+        return web.Response(body=b"bid:" + body)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", answered
+    finally:
+        await runner.cleanup()
+
+
+@contextmanager
+def process(args: list[str], tmp_path: Path, name: str):
+    log = open(tmp_path / f"{name}.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", *args], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.seek(0)
+        sys.stderr.write(f"--- {name} log ---\n{log.read()[-3000:]}")
+        log.close()
+
+
+def serve_args(kafka: str, topics, upstreams: list[str], port: int, admin_port: int, *extra: str) -> list[str]:
+    args = ["serve", "--kafka", kafka, "--commands-topic", topics.commands, "--ranges-topic", topics.ranges,
+            "--listen", f"[::]:{port}", "--admin-listen", f"127.0.0.1:{admin_port}", *extra]
+    for url in upstreams:
+        args += ["--upstream", url]
+    return args
+
+
+async def request(port: int, source: str = "127.0.0.1", body: bytes = b"", timeout: float = 5.0):
+    """One request on its own connection from `source`: (status, headers, body)."""
+    host = "::1" if ":" in source else "127.0.0.1"
+    connector = aiohttp.TCPConnector(local_addr=(source, 0), force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        url = f"http://[{host}]:{port}/bid" if ":" in host else f"http://{host}:{port}/bid"
+        async with session.post(url, data=body, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            return response.status, response.headers, await response.read()
+
+
+async def wait_status(url: str, status: int = 200, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url) as response:
+                    if response.status == status:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} never answered {status}")
+
+
+async def until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_published_blacklist_blocks_the_next_requests_in_every_worker(kafka_bootstrap, topic_names, tmp_path):
+    port, admin = free_port(), free_port()
+    async with bidder() as (upstream, answered):
+        with process(["materialize", "--kafka", kafka_bootstrap, "--commands-topic", topic_names.commands,
+                      "--ranges-topic", topic_names.ranges], tmp_path, "materializer"), \
+             process(serve_args(kafka_bootstrap, topic_names, [upstream], port, admin, "--workers", "2"),
+                     tmp_path, "gateway"):
+            await wait_status(f"http://127.0.0.1:{admin}/readyz")
+            assert (await request(port, "127.0.0.2", b"a"))[::2] == (200, b"bid:a")
+            async with Publisher(KafkaConfig(kafka_bootstrap, topic_names.commands, topic_names.ranges)) as pub:
+                await pub.publish("BLACKLIST 127.0.0.2")
+                await pub.publish("BLACKLIST ::1")
+
+                async def enforced() -> bool:
+                    statuses = [(await request(port, ip))[0] for ip in ("127.0.0.2", "::1") for _ in range(4)]
+                    return set(statuses) == {403}
+
+                await until(enforced)
+                # Each request on a new connection: spread over both workers, all enforce it.
+                blocked = [await request(port, "127.0.0.2", b"x") for _ in range(10)]
+                assert {(status, body) for status, _, body in blocked} == {(403, b"")}
+                allowed = [await request(port, "127.0.0.1", b"y") for _ in range(10)]
+                assert {(status, body) for status, _, body in allowed} == {(200, b"bid:y")}
+                assert b"x" not in answered
+
+                await pub.publish("WHITELIST 127.0.0.0/8")
+                await until(lambda: _status_is(port, "127.0.0.2", 200))
+
+
+async def _status_is(port: int, source: str, status: int) -> bool:
+    return (await request(port, source))[0] == status
+
+
+async def test_not_ready_until_bootstrapped_answers_503_with_retry_after(topic_names, tmp_path):
+    port, admin, dead_broker = free_port(), free_port(), free_port()
+    async with bidder() as (upstream, answered):
+        with process(serve_args(f"127.0.0.1:{dead_broker}", topic_names, [upstream], port, admin),
+                     tmp_path, "gateway") as gateway:
+            await wait_status(f"http://127.0.0.1:{admin}/readyz", 503)
+            status, headers, _ = await request(port)
+            assert status == 503 and headers["Retry-After"] == "1"
+            assert not answered
+            gateway.send_signal(signal.SIGTERM)
+            assert gateway.wait(10) == 0
+
+
+async def test_hanging_upstream_gets_timeout_status_within_budget(kafka_bootstrap, topic_names, tmp_path):
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen()  # accepts (in the backlog), never answers
+    port, admin = free_port(), free_port()
+    try:
+        with process(serve_args(kafka_bootstrap, topic_names, [f"http://127.0.0.1:{hung.getsockname()[1]}"],
+                                port, admin, "--budget-ms", "50"), tmp_path, "gateway"):
+            await wait_status(f"http://127.0.0.1:{admin}/readyz")
+            elapsed = []
+            for _ in range(3):
+                start = time.perf_counter()
+                status, _, body = await request(port)
+                elapsed.append(time.perf_counter() - start)
+                assert (status, body) == (204, b"")
+            # Client-side time includes connect; the budget runs from the first request byte.
+            assert min(elapsed) < 0.055, elapsed
+    finally:
+        hung.close()
+
+
+async def test_sigterm_drains_in_flight_requests(kafka_bootstrap, topic_names, tmp_path):
+    port, admin = free_port(), free_port()
+    async with bidder(delay_s=0.4) as (upstream, answered):
+        with process(serve_args(kafka_bootstrap, topic_names, [upstream], port, admin,
+                                "--budget-ms", "2000", "--workers", "2"), tmp_path, "gateway") as gateway:
+            await wait_status(f"http://127.0.0.1:{admin}/readyz")
+            in_flight = [asyncio.create_task(request(port, body=str(i).encode())) for i in range(16)]
+            await asyncio.sleep(0.2)  # all sent, none answered yet (the bidder takes 0.4 s)
+            assert not answered
+            gateway.send_signal(signal.SIGTERM)
+            results = await asyncio.gather(*in_flight)
+            assert sorted(body for _, _, body in results) == sorted(b"bid:%d" % i for i in range(16))
+            assert {status for status, _, _ in results} == {200}
+            assert await asyncio.to_thread(gateway.wait, 15) == 0
+            with pytest.raises(aiohttp.ClientError):
+                await request(port)
+
+
+async def test_a_killed_worker_is_replaced(kafka_bootstrap, topic_names, tmp_path):
+    port, admin = free_port(), free_port()
+    async with bidder() as (upstream, _):
+        with process(serve_args(kafka_bootstrap, topic_names, [upstream], port, admin, "--workers", "2"),
+                     tmp_path, "gateway") as gateway:
+            await wait_status(f"http://127.0.0.1:{admin}/readyz")
+            workers = children(gateway.pid)
+            assert len(workers) == 2
+            os.kill(workers[0], signal.SIGKILL)
+
+            async def replaced() -> bool:
+                now = children(gateway.pid)
+                return len(now) == 2 and workers[0] not in now
+
+            await until(replaced, timeout=10)
+            await wait_status(f"http://127.0.0.1:{admin}/readyz")
+            assert {(await request(port))[0] for _ in range(10)} == {200}
+
+
+def children(pid: int) -> list[int]:
+    """Child processes (the workers), not threads."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
