@@ -65,8 +65,16 @@ def cli() -> None:
 @option("--openrtb", is_flag=True, help="Also check device.ip/device.ipv6; answer 204 (no bid) when blocked.")
 @option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
 @option("--snapshot", default=None, metavar="PATH", help="Snapshot file of the view, for instant restarts.")
-@option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=0))
-@option("--max-in-flight", default=512, show_default=True, type=click.IntRange(min=1))
+@option("--upstream-error-status", default=502, show_default=True, type=click.IntRange(100, 599),
+        help="Answer when no upstream could be reached (204 in --openrtb mode).")
+@option("--max-body-bytes", "max_body_bytes", default=1 << 20, show_default=True, type=click.IntRange(min=0))
+@option("--max-header-bytes", default=8 << 10, show_default=True, type=click.IntRange(min=256))
+@option("--max-in-flight", default=512, show_default=True, type=click.IntRange(min=1),
+        help="Requests in flight per worker before new ones are shed with 503.")
+@option("--idle-timeout-s", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+        help="Close keep-alive connections idle this long.")
+@option("--request-timeout-s", default=5.0, show_default=True, type=click.FloatRange(min=0.01),
+        help="A begun request must be fully received within this (else 408).")
 @option("--access-log", is_flag=True, help="Log every request.")
 @option("--json-logs", is_flag=True, help="Log JSON lines.")
 def serve(kafka: KafkaConfig, upstreams: tuple[str, ...], trusted_proxies: tuple[str, ...], **settings: Any) -> None:
@@ -94,9 +102,102 @@ def broker(port: int) -> None:
     run_broker(port)
 
 
+@cli.group()
+@kafka_options
+@click.pass_context
+def ctl(ctx: click.Context, kafka: KafkaConfig) -> None:
+    """Publish blacklist edits to the command topic, or replay its history."""
+    ctx.obj = kafka
+
+
+def edit_command(action: str) -> click.Command:
+    @click.argument("cidr")
+    @option("--reason", default=None, help="Why (stored in the record's headers).")
+    @option("--actor", default=None, help="Who (stored in the record's headers).")
+    @click.pass_obj
+    def edit(kafka: KafkaConfig, cidr: str, reason: str | None, actor: str | None) -> None:
+        from .commands import Command, CommandError, parse_network
+        from .publisher import publish
+
+        try:
+            command = Command(action, parse_network(cidr))  # type: ignore[arg-type]
+        except CommandError as exc:
+            raise click.BadParameter(str(exc), param_hint="CIDR") from None
+        offset = run_async(publish(kafka, command, actor=actor, reason=reason))
+        click.echo(f"{command} -> offset {offset}")
+
+    edit.__doc__ = f"Publish `{action} CIDR` (a bare address means /32 or /128)."
+    return edit
+
+
+ctl.command("blacklist")(edit_command("BLACKLIST"))
+ctl.command("whitelist")(edit_command("WHITELIST"))
+
+
+@ctl.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@option("--whitelist", "as_whitelist", is_flag=True, help="Publish WHITELIST instead of BLACKLIST.")
+@option("--reason", default=None)
+@option("--actor", default=None)
+@click.pass_obj
+def import_(kafka: KafkaConfig, file: str, as_whitelist: bool, reason: str | None, actor: str | None) -> None:
+    """Publish every CIDR of FILE (one per line, # comments; FireHOL .netset), all or nothing."""
+    from .publisher import ImportFileError, import_file
+
+    try:
+        result = run_async(import_file(kafka, file, action="WHITELIST" if as_whitelist else "BLACKLIST",
+                                       actor=actor, reason=reason))
+    except ImportFileError as exc:
+        raise click.ClickException(f"{exc} (nothing was published)") from None
+    if result.count:
+        click.echo(f"published {result.count} commands at offsets {result.first_offset}..{result.last_offset}")
+    else:
+        click.echo("nothing to publish")
+
+
+@ctl.command()
+@option("--until", type=click.DateTime(["%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d"]), default=None,
+        help="Fold the commands published at or before this time (ISO 8601).")
+@option("--offset", type=click.IntRange(min=0), default=None, help="Fold the first N commands.")
+@click.pass_obj
+def replay(kafka: KafkaConfig, until: Any, offset: int | None) -> None:
+    """Print the ranges as they were at a past time or offset (the time machine)."""
+    from .addresses import format_address
+    from .history import replay as fold_history
+
+    if until is None and offset is None:
+        raise click.UsageError("give --until TIME or --offset N")
+    result = run_async(fold_history(kafka, offset=offset, until=until))
+    for version, start, end in result.view.ranges():
+        click.echo(f"{format_address(version, start)} {format_address(version, end)}")
+    click.echo(f"# {len(result.view)} ranges from {result.commands} commands"
+               f" (next offset {result.next_offset}, {result.poison} skipped)", err=True)
+
+
+@cli.command()
+@option("--listen", default="127.0.0.1:9000", show_default=True, callback=hostport)
+def bidder(listen: tuple[str, int]) -> None:
+    """Run the demo bidder: answers OpenRTB-shaped POSTs with a bid."""
+    from .bidder import serve_bidder
+
+    run_async(serve_bidder(*listen))
+
+
+@cli.command()
+@option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Gateway port.")
+@option("--admin-port", default=8081, show_default=True, type=click.IntRange(0, 65535))
+@option("--bidder-port", default=9000, show_default=True, type=click.IntRange(0, 65535))
+@option("--kafka-port", default=0, show_default=True, type=click.IntRange(0, 65535), help="0: a free port.")
+def demo(port: int, admin_port: int, bidder_port: int, kafka_port: int) -> None:
+    """Run everything on this machine: broker, materializer, demo bidder and gateway."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(port=port, admin_port=admin_port, bidder_port=bidder_port, kafka_port=kafka_port))
+
+
 def main() -> None:
     cli(prog_name="gateway")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
