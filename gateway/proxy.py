@@ -81,12 +81,13 @@ class LatencyHistogram:
 class Stats:
     """Per-worker counters as plain integers; exported by whoever wires metrics."""
 
-    __slots__ = (*_OUTCOMES, "latency")
+    __slots__ = (*_OUTCOMES, "latency", "upstream_latency")
 
     def __init__(self) -> None:
         for outcome in _OUTCOMES:
             setattr(self, outcome, 0)
-        self.latency = LatencyHistogram()
+        self.latency = LatencyHistogram()  # request in -> response out, every outcome
+        self.upstream_latency = LatencyHistogram()  # request sent upstream -> its response in
 
     def outcomes(self) -> dict[str, int]:
         return {outcome: getattr(self, outcome) for outcome in _OUTCOMES}
@@ -210,7 +211,7 @@ class HttpConnection(asyncio.Protocol):
         "busy", "reading", "in_headers", "t0", "last", "url", "headers", "header_bytes",
         "raw_bytes", "body", "body_size", "xff", "conn_keep_alive", "extra_hop", "expect", "queue",
         "replaying", "request_line", "seq", "head", "tail", "is_head",
-        "keep", "deadline", "timer", "upstream", "upstream_conn", "attempts",
+        "keep", "deadline", "timer", "upstream", "upstream_conn", "attempts", "sent",
     )
 
     def __init__(self, proxy: Proxy) -> None:
@@ -395,6 +396,7 @@ class HttpConnection(asyncio.Protocol):
         proxy.in_flight += 1
         self.timer = self.loop.call_at(deadline, self.on_deadline)
         self.upstream = upstream = proxy.pool.pick(t0)
+        self.sent = t0
         proxy.pool.send(upstream, self, t0)
 
     def upstream_response(self, status: int, headers: bytes, body: bytes | None) -> None:
@@ -403,6 +405,7 @@ class HttpConnection(asyncio.Protocol):
         proxy = self.proxy
         proxy.stats.forwarded += 1
         proxy.stats.latency.observe(now - self.t0)
+        proxy.stats.upstream_latency.observe(now - self.sent)
         if proxy.draining:
             self.keep = False
         connection = (_KEEP_ALIVE if self.conn_keep_alive else b"") if self.keep else _CLOSE
@@ -425,6 +428,7 @@ class HttpConnection(asyncio.Protocol):
                 self.attempts += 1
                 self.upstream = upstream
                 self.upstream_conn = None
+                self.sent = now
                 pool.send(upstream, self, now, fresh=failure == STALE)
                 return
             self.upstream = None  # accounted above; nowhere else to try

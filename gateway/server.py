@@ -30,6 +30,7 @@ from .logs import setup_logging
 from .metrics import Flusher, Metrics, multiprocess_dir, worker_exited
 from .proxy import Proxy, Stats
 from .ranges import RangeSet
+from .snapshot import keep_writing
 from .snapshot import load as load_snapshot
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class Supervisor:
             asyncio.create_task(follower.run()),
             asyncio.create_task(Flusher(metrics, None, follower, reader="admin", baseline=baseline).run()),
         ]
+        if self.config.snapshot:  # cancelling it writes one last snapshot
+            tasks.append(asyncio.create_task(keep_writing(self.config.snapshot, follower, self.config.kafka)))
         app = make_admin_app(self.config, follower, publisher, progress=self.progress,
                              registry=metrics.registry, baseline=baseline)
         admin = await start_admin(app, *self.config.admin_listen, access_log=self.config.access_log)
