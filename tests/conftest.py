@@ -59,3 +59,48 @@ def unique_topic(request: pytest.FixtureRequest):
         return f"t-{stem}-{uuid.uuid4().hex[:8]}.{suffix}"
 
     return make
+
+
+@pytest.fixture
+def kafka(kafka_bootstrap: str, topic_names: TopicNames):
+    """A KafkaConfig on this test's own topics."""
+    from gateway.config import KafkaConfig
+
+    return KafkaConfig(kafka_bootstrap, topic_names.commands, topic_names.ranges)
+
+
+@pytest.fixture
+def read_topic(kafka_bootstrap: str):
+    """`await read_topic(topic)`: every record of partition 0 up to its end, via the drain rule."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from gateway.topics import read_to_end
+
+    async def read(topic: str) -> list:
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20)
+        await consumer.start()
+        try:
+            tp = TopicPartition(topic, 0)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            records: list = []
+            await read_to_end(consumer, [tp], lambda _tp, batch: records.extend(batch))
+            return records
+        finally:
+            await consumer.stop()
+
+    return read
+
+
+@pytest.fixture
+def read_view(read_topic):
+    """`await read_view(kafka)`: the view topic folded as a follower folds it (last value per key wins)."""
+    from gateway.ranges import RangeSet
+
+    async def read(kafka) -> "RangeSet":
+        view = RangeSet()
+        for record in await read_topic(kafka.ranges_topic):
+            view.store(record.key.decode(), record.value.decode() if record.value is not None else None)
+        return view
+
+    return read

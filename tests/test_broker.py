@@ -39,10 +39,10 @@ def test_start_and_stop_by_pid():
     assert not kafka_answers(broker.host, broker.port, timeout=0.3)
 
 
-def test_run_broker_prints_bootstrap_and_stops_child_on_sigterm():
+def test_gateway_broker_prints_bootstrap_and_stops_tansu_on_sigterm():
     port = free_port()
-    code = f"from gateway.broker import run_broker; run_broker({port})"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "broker", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()
         assert f"127.0.0.1:{port}" in line

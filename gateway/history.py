@@ -1,0 +1,77 @@
+"""The time machine: the ranges as they were at an offset or a time, folded from the command topic.
+
+The command topic is kept forever, so any past state is the fold of a prefix of it. Bounded by
+time, the prefix ends before the first command published later than the bound (Tansu's
+offsets_for_times answers offset 0 for any time, so the log is scanned; Kafka gives the same answer).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from .commands import CommandError, parse_command
+from .config import KafkaConfig
+from .ranges import RangeSet
+from .topics import read_to_end
+
+log = logging.getLogger("gateway.history")
+
+
+@dataclass
+class Replay:
+    view: RangeSet
+    commands: int = 0  # commands folded
+    poison: int = 0  # records skipped because they do not parse
+    next_offset: int = 0  # the first command not folded
+
+
+async def replay(kafka: KafkaConfig, *, offset: int | None = None, until: datetime | None = None) -> Replay:
+    """`gateway ctl replay`: fold the commands before `offset` (the first N) and/or published at or
+    before `until` (a naive datetime is local time, as datetime.timestamp() reads it)."""
+    until_ms = int(until.timestamp() * 1000) if until is not None else None
+    result = Replay(RangeSet())
+    done = False
+    commands = TopicPartition(kafka.commands_topic, 0)
+
+    def fold(tp, records) -> None:
+        nonlocal done
+        for record in records:
+            if done or (offset is not None and record.offset >= offset) or (
+                until_ms is not None and record.timestamp > until_ms
+            ):
+                done = True
+                return
+            result.next_offset = record.offset + 1
+            try:
+                command = parse_command(record.value if record.value is not None else b"")
+            except CommandError as exc:
+                result.poison += 1
+                log.warning("replay: skipping poison command at offset %d: %s", record.offset, exc)
+                continue
+            result.view.apply(command)
+            result.commands += 1
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap,
+        client_id="gateway-replay",
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        fetch_max_wait_ms=50,
+        max_partition_fetch_bytes=16 << 20,
+        fetch_max_bytes=64 << 20,
+    )
+    await consumer.start()
+    try:
+        consumer.assign([commands])
+        await consumer.seek_to_beginning(commands)
+        ends = await consumer.end_offsets([commands])
+        if offset is not None:
+            ends[commands] = min(ends[commands], offset)
+        await read_to_end(consumer, [commands], fold, end_offsets=ends)
+    finally:
+        await consumer.stop()
+    return result
