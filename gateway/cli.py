@@ -86,11 +86,15 @@ def serve(kafka: KafkaConfig, upstreams: tuple[str, ...], trusted_proxies: tuple
 
 @cli.command()
 @kafka_options
-def materialize(kafka: KafkaConfig) -> None:
-    """Fold the command topic into the compacted view topic (one active writer)."""
+@option("--admin-listen", default=None, callback=hostport, metavar="HOST:PORT",
+        help="Serve /healthz, /readyz and /metrics here (off by default).")
+@option("--session-timeout-ms", default=6000, show_default=True, type=click.IntRange(min=1000),
+        help="How long a silent active writer keeps the command partition before a standby takes over.")
+def materialize(kafka: KafkaConfig, admin_listen: tuple[str, int] | None, session_timeout_ms: int) -> None:
+    """Fold the command topic into the compacted view topic (one active writer, others stand by)."""
     from .materializer import materialize as run
 
-    run_async(run(kafka))
+    run_async(run(kafka, session_timeout_ms=session_timeout_ms, admin_listen=admin_listen))
 
 
 @cli.command()

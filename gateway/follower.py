@@ -44,12 +44,14 @@ class Follower:
         create_topics: bool = True,
     ) -> None:
         """`initial`: a starting view and the next offset per partition (a snapshot); the follower
-        serves it at once and reads on from those offsets instead of bootstrapping."""
+        is ready with it at once, before the broker answers, and reads on from those offsets
+        instead of bootstrapping."""
         self.kafka = kafka
         self.ready = asyncio.Event()  # set once: bootstrapped to the end offsets read at start
         self.view = RangeSet()
         self.index = Index()
-        self.offsets: dict[int, int] = {}  # next view offset to apply, per partition
+        self.offsets: dict[int, int] = {}  # next view offset to read, per partition
+        self.applied_offsets: dict[int, int] = {}  # next view offset whose effect is not in `view` yet
         self.end_offsets: dict[int, int] = {}  # as last read from the broker
         self.applied_command: int | None = None  # highest command-offset applied
         self.poison = 0
@@ -58,7 +60,6 @@ class Follower:
         self.last_contact: float | None = None  # monotonic time the broker last answered
         self.propagation: deque[float] = deque(maxlen=10_000)  # command published -> applied, seconds
         self.on_propagation = on_propagation
-        self._initial = initial
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._status_interval_s = status_interval_s
         self._create_topics = create_topics
@@ -68,7 +69,9 @@ class Follower:
         self._applied_event = asyncio.Event()
         if initial is not None:
             view, offsets = initial
-            self.view, self.index, self.offsets = view, Index.build(view.ranges()), dict(offsets)
+            self.view, self.index = view, Index.build(view.ranges())
+            self.offsets, self.applied_offsets = dict(offsets), dict(offsets)
+            self.ready.set()
 
     # -- what the gateway reads -----------------------------------------------------------
 
@@ -151,33 +154,28 @@ class Follower:
     async def _catch_up(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
         """Read to the end offsets of now, then swap in the result and report ready."""
         started = time.monotonic()
-        if self._initial is not None:  # serve the starting state while reading on from its offsets
-            for tp in partitions:
-                consumer.seek(tp, self.offsets.get(tp.partition, 0))
-            ends = await read_to_end(consumer, partitions, self._apply_batch)
-            self._flush()
-        else:
-            loader = ViewLoader(self)
-            tags: list[int] = []
+        loader = ViewLoader(self)
+        tags: list[int] = []
 
-            def collect(tp, records) -> None:
-                for record in records:
-                    loader.add(record)
-                tag = header(records[-1].headers, "command-offset") if records else None
-                if tag is not None and tag.isdigit():
-                    tags.append(int(tag))
+        def collect(tp, records) -> None:
+            for record in records:
+                loader.add(record)
+            tag = header(records[-1].headers, "command-offset") if records else None
+            if tag is not None and tag.isdigit():
+                tags.append(int(tag))
 
-            await consumer.seek_to_beginning(*partitions)
-            ends = await read_to_end(consumer, partitions, collect)
-            view = loader.load()
-            index = Index.build(view.ranges())
-            self.view, self.index = view, index  # one swap: requests see the old or the new, whole
-            if tags:
-                self.applied_command = max(max(tags), self.applied_command or -1)
-            if len(view):
-                self.last_update = time.time()
+        await consumer.seek_to_beginning(*partitions)
+        ends = await read_to_end(consumer, partitions, collect)
+        view = loader.load()
+        index = Index.build(view.ranges())
+        self.view, self.index = view, index  # one swap: requests see the old or the new, whole
+        if tags:
+            self.applied_command = max(max(tags), self.applied_command or -1)
+        if len(view):
+            self.last_update = time.time()
         for tp in partitions:
             self.offsets[tp.partition] = await consumer.position(tp)
+        self.applied_offsets = dict(self.offsets)
         self.end_offsets = {tp.partition: end for tp, end in ends.items()}
         self.last_contact = time.monotonic()
         self.ready.set()
@@ -215,6 +213,8 @@ class Follower:
             if change is not None:
                 index.update(change)
         self.records_applied += len(records)
+        for record in records:
+            self.applied_offsets[record.partition] = record.offset + 1
         now = time.time()
         self.last_update = now
         final = records[-1]

@@ -277,10 +277,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def serve_poison_metrics(host: str, port: int, source: Any, reader: str) -> Callable[[], Awaitable[None]]:
-    """/healthz and /metrics for a process without the admin API (`gateway materialize --admin-listen`).
+    """/healthz, /readyz and /metrics for a process without the admin API (`gateway materialize
+    --admin-listen`).
 
     Exports `gateway_poison_records_total{reader}` from `source.poison`, flushed once a second.
-    Returns the coroutine function that stops it.
+    /readyz is 200 while the process runs, active or standing by (a standby is what makes the
+    pair available), and says which in `active`. Returns the coroutine function that stops it.
     """
     metrics = Metrics()
     counter = metrics.poison.labels(reader)
@@ -296,7 +298,11 @@ async def serve_poison_metrics(host: str, port: int, source: Any, reader: str) -
 
     app = web.Application()
     app[METRICS_REGISTRY] = metrics.registry
+    async def readyz(request: web.Request) -> web.Response:
+        return web.json_response({"ready": True, "active": bool(getattr(source, "active", False))})
+
     app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/readyz", readyz, allow_head=False)
     app.router.add_get("/metrics", handle_metrics, allow_head=False)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

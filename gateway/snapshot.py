@@ -158,9 +158,7 @@ async def keep_writing(path: str | os.PathLike, follower: Any, kafka: KafkaConfi
                 return
         if not follower.ready.is_set():
             return
-        while follower._pending:  # a command's records are buffered until its `last`: offsets run ahead
-            await asyncio.sleep(0.01)
-        offsets = dict(follower.offsets)
+        offsets = dict(follower.applied_offsets)  # the view holds exactly the records before these
         if offsets == written:
             return
         ranges = list(follower.view.ranges())
@@ -180,7 +178,7 @@ async def keep_writing(path: str | os.PathLike, follower: Any, kafka: KafkaConfi
             await asyncio.sleep(interval_s)
     except asyncio.CancelledError:
         with contextlib.suppress(OSError, asyncio.CancelledError):
-            if retention is not None and follower.ready.is_set() and not follower._pending:
-                write(path, topic=kafka.ranges_topic, ranges=follower.view.ranges(), offsets=dict(follower.offsets),
+            if retention is not None and follower.ready.is_set():
+                write(path, topic=kafka.ranges_topic, ranges=follower.view.ranges(), offsets=dict(follower.applied_offsets),
                       delete_retention_ms=retention)
         raise

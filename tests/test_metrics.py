@@ -177,9 +177,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_the_materializer_exports_its_poison_count():
+async def test_the_materializer_exports_its_poison_count_and_role():
     class Source:
         poison = 0
+        active = True
 
     source, port = Source(), free_port()
     stop = await serve_poison_metrics("127.0.0.1", port, source, "materializer")
@@ -191,6 +192,8 @@ async def test_the_materializer_exports_its_poison_count():
                 got = samples(await response.text())
             async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
                 assert response.status == 200
+            async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                assert (response.status, await response.json()) == (200, {"ready": True, "active": True})
     finally:
         await stop()
     assert got[("gateway_poison_records_total", (("reader", "materializer"),))] == 2
