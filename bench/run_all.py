@@ -29,7 +29,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "lookup": ([], ["--sizes", "1000,100000"]),
     "bootstrap": ([], ["--sizes", "100000"]),
     "propagation": ([], ["--commands", "200"]),
-    "materializer": ([], ["--lines", "100000"]),
+    "materializer": ([], ["--commands", "50000", "--import-lines", "100000"]),
     "proxy": ([], ["--duration", "3"]),
 }
 
