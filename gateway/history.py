@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -31,7 +31,9 @@ class Replay:
 
 async def replay(kafka: KafkaConfig, *, offset: int | None = None, until: datetime | None = None) -> Replay:
     """`gateway ctl replay`: fold the commands before `offset` (the first N) and/or published at or
-    before `until` (a naive datetime is local time, as datetime.timestamp() reads it)."""
+    before `until` (a naive datetime is UTC, as everywhere in the admin API)."""
+    if until is not None and until.tzinfo is None:
+        until = until.replace(tzinfo=timezone.utc)
     until_ms = int(until.timestamp() * 1000) if until is not None else None
     result = Replay(RangeSet())
     done = False
