@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -25,7 +25,7 @@ from .config import KafkaConfig
 from .index import Index
 from .view import ViewLoader, store_view_record
 from .ranges import RangeSet
-from .topics import ensure_topics, header, partitions_of, read_to_end
+from .topics import ensure_topics, header, log_reader, partitions_of, read_to_end
 
 log = logging.getLogger("gateway.follower")
 
@@ -39,7 +39,6 @@ class Follower:
         *,
         initial: tuple[RangeSet, Mapping[int, int]] | None = None,
         trusted_until: float | None = None,
-        on_propagation: Callable[[float], None] | None = None,
         fetch_max_wait_ms: int = 10,
         status_interval_s: float = 1.0,
         create_topics: bool = True,
@@ -63,7 +62,6 @@ class Follower:
         self.last_update: float | None = None  # wall time of the last applied record
         self.last_contact: float | None = None  # monotonic time the broker last answered
         self.propagation: deque[float] = deque(maxlen=10_000)  # command published -> applied, seconds
-        self.on_propagation = on_propagation
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._status_interval_s = status_interval_s
         self._create_topics = create_topics
@@ -130,16 +128,7 @@ class Follower:
         if self._create_topics:
             await ensure_topics(self.kafka)
             self._create_topics = False
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.kafka.bootstrap,
-            client_id="gateway-follower",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-            fetch_max_wait_ms=self._fetch_max_wait_ms,
-            max_partition_fetch_bytes=16 << 20,
-            fetch_max_bytes=64 << 20,
-        )
+        consumer = log_reader(self.kafka.bootstrap, "gateway-follower", fetch_max_wait_ms=self._fetch_max_wait_ms)
         await consumer.start()
         status = None
         try:
@@ -248,8 +237,6 @@ class Follower:
         if self.ready.is_set():
             sample = max(0.0, now - final.timestamp / 1000)
             self.propagation.append(sample)
-            if self.on_propagation is not None:
-                self.on_propagation(sample)
         self._applied_event.set()
 
     async def _watch_end_offsets(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:

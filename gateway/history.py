@@ -11,12 +11,12 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from .commands import CommandError, parse_command
 from .config import KafkaConfig
 from .ranges import RangeSet
-from .topics import read_to_end
+from .topics import log_reader, read_to_end
 
 log = logging.getLogger("gateway.history")
 
@@ -57,15 +57,7 @@ async def replay(kafka: KafkaConfig, *, offset: int | None = None, until: dateti
             result.view.apply(command)
             result.commands += 1
 
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka.bootstrap,
-        client_id="gateway-replay",
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        fetch_max_wait_ms=50,
-        max_partition_fetch_bytes=16 << 20,
-        fetch_max_bytes=64 << 20,
-    )
+    consumer = log_reader(kafka.bootstrap, "gateway-replay")
     await consumer.start()
     try:
         consumer.assign([commands])

@@ -33,7 +33,7 @@ from .commands import Command, CommandError, parse_command
 from .config import KafkaConfig
 from .publisher import BatchWriter
 from .ranges import RangeSet, Record
-from .topics import ensure_topics, header, partitions_of, read_to_end
+from .topics import ensure_topics, header, log_reader, partitions_of, read_to_end
 from .view import ViewLoader
 
 log = logging.getLogger("gateway.materializer")
@@ -85,7 +85,6 @@ class Materializer(ConsumerRebalanceListener):
         self.poison = 0  # command records skipped because they do not parse
         self.applied = 0  # commands folded by this process
         self.written = 0  # view records written by this process
-        self.takeovers = 0
         self.active = False
         self.next_offset: int | None = None  # next command to fold, while active
         self.view: RangeSet | None = None
@@ -201,7 +200,6 @@ class Materializer(ConsumerRebalanceListener):
         self.next_offset = resume
         consumer.seek(self._commands, resume)
         self.active = True
-        self.takeovers += 1
         log.info(
             "materializer active: view of %d ranges read in %.2f s, %d correcting records, resuming at command %d",
             len(view), time.monotonic() - started, len(records), resume,
@@ -213,15 +211,7 @@ class Materializer(ConsumerRebalanceListener):
         loader = ViewLoader(self)
         highest: int | None = None
         complete = False
-        reader = AIOKafkaConsumer(
-            bootstrap_servers=self.kafka.bootstrap,
-            client_id="gateway-materializer-recovery",
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            fetch_max_wait_ms=50,
-            max_partition_fetch_bytes=16 << 20,
-            fetch_max_bytes=64 << 20,
-        )
+        reader = log_reader(self.kafka.bootstrap, "gateway-materializer-recovery")
         await reader.start()
         try:
             partitions = await partitions_of(reader, self.kafka.ranges_topic)
