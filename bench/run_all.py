@@ -24,13 +24,15 @@ BENCH = Path(__file__).resolve().parent
 OUT = BENCH / "out"
 PY = sys.executable
 
-# name -> arguments (full run, quick run)
-BENCHES: dict[str, tuple[list[str], list[str]]] = {
-    "lookup": ([], ["--sizes", "1000,100000"]),
-    "bootstrap": ([], ["--sizes", "100000"]),
-    "propagation": ([], ["--commands", "200"]),
-    "materializer": ([], ["--commands", "50000", "--import-lines", "100000"]),
-    "proxy": ([], ["--duration", "3"]),
+# name -> (script, arguments of a full run, arguments of a quick run)
+BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
+    "lookup": ("lookup", [], ["--sizes", "1000,100000"]),
+    "bootstrap": ("bootstrap", [], ["--sizes", "100000"]),
+    "propagation": ("propagation", [], ["--commands", "200"]),
+    "materializer": ("materializer", [], ["--commands", "50000", "--import-lines", "100000"]),
+    "proxy": ("proxy", [], ["--duration", "3"]),
+    # The same comparison with two gateway workers: does throughput grow with --workers?
+    "proxy-2-workers": ("proxy", ["--workers", "2"], ["--workers", "2", "--duration", "3"]),
 }
 
 
@@ -57,11 +59,8 @@ def machine() -> dict[str, str]:
     }
 
 
-def run(name: str, args: list[str]) -> dict | None:
-    script = BENCH / f"{name}.py"
-    if not script.exists():
-        print(f"run_all: {name}: no bench/{name}.py", file=sys.stderr)
-        return None
+def run(name: str, script_name: str, args: list[str]) -> dict | None:
+    script = BENCH / f"{script_name}.py"
     command = [PY, str(script), *args, "--out", str(OUT / f"{name}.json")]
     print(f"run_all: {' '.join(command[1:])}", flush=True)
     started = time.monotonic()
@@ -70,7 +69,7 @@ def run(name: str, args: list[str]) -> dict | None:
         print(f"run_all: {name} failed with exit code {done.returncode}", file=sys.stderr)
         return None
     result = json.loads((OUT / f"{name}.json").read_text())
-    result["command"] = " ".join(["python", f"bench/{name}.py", *args])
+    result["command"] = " ".join(["python", f"bench/{script_name}.py", *args])
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
 
@@ -139,7 +138,7 @@ def render(results: dict[str, dict], info: dict[str, str], quick: bool) -> str:
         table([info]),
     ]
     for name, result in results.items():
-        parts.append(f"## {result.get('title', name)}\n")
+        parts.append(f"## {result.get('title', name)} [{name}]\n")
         parts.append(f"Command: `{result['command']}` ({result['seconds']} s)\n")
         if result.get("notes"):
             parts.append(result["notes"] + "\n")
@@ -149,7 +148,24 @@ def render(results: dict[str, dict], info: dict[str, str], quick: bool) -> str:
             parts.append(table(result["targets"]))
         if (BENCH / f"{name}.png").exists():
             parts.append(f"![{name}]({name}.png)\n")
+    parts += workers_section(results)
     return "\n".join(parts)
+
+
+def workers_section(results: dict[str, dict]) -> list[str]:
+    """Gateway throughput with 1 and 2 workers, per concurrency (the two proxy runs)."""
+    one, two = results.get("proxy"), results.get("proxy-2-workers")
+    if not (one and two):
+        return []
+
+    def gateway_rps(result: dict) -> dict[int, int]:
+        return {r["concurrency"]: r["rps"] for r in result["rows"] if r["target"] == "gateway"}
+
+    rps1, rps2 = gateway_rps(one), gateway_rps(two)
+    rows = [{"concurrency": c, "1 worker req/s": rps1[c], "2 workers req/s": rps2[c], "ratio": round(rps2[c] / rps1[c], 2)}
+            for c in sorted(rps1) if c in rps2]
+    return ["## Scaling with --workers\n",
+            "From the two proxy runs above (wrk itself needs one of the two cores).\n", table(rows)]
 
 
 def main() -> int:
@@ -161,7 +177,8 @@ def main() -> int:
     names = args.only.split(",") if args.only else list(BENCHES)
     results = {}
     for name in names:
-        result = run(name, BENCHES[name][1 if args.quick else 0])
+        script, full, quick = BENCHES[name]
+        result = run(name, script, quick if args.quick else full)
         if result is not None:
             results[name] = result
     charts(results)

@@ -62,7 +62,9 @@ def cli() -> None:
 @option("--reject-status", default=403, show_default=True, type=click.IntRange(100, 599))
 @option("--timeout-status", default=204, show_default=True, type=click.IntRange(100, 599))
 @option("--trusted-proxy", "trusted_proxies", multiple=True, metavar="CIDR", help="Peer whose X-Forwarded-For is trusted.")
-@option("--openrtb", is_flag=True, help="Also check device.ip/device.ipv6; answer 204 (no bid) when blocked.")
+@option("--openrtb", is_flag=True,
+        help="Also check device.ip/device.ipv6 in JSON bodies; blocked and upstream errors answer 204 (no bid),"
+             " whatever --reject-status and --upstream-error-status say.")
 @option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
 @option("--snapshot", default=None, metavar="PATH", help="Snapshot file of the view, for instant restarts.")
 @option("--upstream-error-status", default=502, show_default=True, type=click.IntRange(100, 599),
@@ -161,8 +163,9 @@ def import_(kafka: KafkaConfig, file: str, as_whitelist: bool, reason: str | Non
 
 @ctl.command()
 @option("--until", type=click.DateTime(["%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d"]), default=None,
-        help="Fold the commands published at or before this time (ISO 8601).")
-@option("--offset", type=click.IntRange(min=0), default=None, help="Fold the first N commands.")
+        help="Fold the commands published at or before this time (ISO 8601; no zone means UTC).")
+@option("--offset", type=click.IntRange(min=0), default=None,
+        help="Fold the first N commands (offsets 0..N-1; /admin/history?at=N includes N).")
 @click.pass_obj
 def replay(kafka: KafkaConfig, until: Any, offset: int | None) -> None:
     """Print the ranges as they were at a past time or offset (the time machine)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_COMMANDS_TOPIC = "blacklist.commands"
 DEFAULT_RANGES_TOPIC = "blacklist.ranges"
@@ -30,7 +30,7 @@ class ServeConfig:
     upstreams: tuple[str, ...]
     listen: tuple[str, int] = ("0.0.0.0", 8080)
     admin_listen: tuple[str, int] = ("127.0.0.1", 8081)
-    admin_token: str | None = None
+    admin_token: str | None = field(default=None, repr=False)  # never in logs or reprs
     budget_ms: float = 100.0
     reject_status: int = 403
     timeout_status: int = 204

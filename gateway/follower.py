@@ -17,15 +17,15 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from .config import KafkaConfig
 from .index import Index
-from .materializer import ViewLoader, store_view_record
+from .view import ViewLoader, store_view_record
 from .ranges import RangeSet
-from .topics import ensure_topics, header, partitions_of, read_to_end
+from .topics import ensure_topics, header, log_reader, partitions_of, read_to_end
 
 log = logging.getLogger("gateway.follower")
 
@@ -38,14 +38,17 @@ class Follower:
         kafka: KafkaConfig,
         *,
         initial: tuple[RangeSet, Mapping[int, int]] | None = None,
-        on_propagation: Callable[[float], None] | None = None,
+        trusted_until: float | None = None,
         fetch_max_wait_ms: int = 10,
         status_interval_s: float = 1.0,
         create_topics: bool = True,
     ) -> None:
         """`initial`: a starting view and the next offset per partition (a snapshot); the follower
         is ready with it at once, before the broker answers, and reads on from those offsets
-        instead of bootstrapping."""
+        instead of bootstrapping. `trusted_until`: the wall time after which reading on from
+        there could miss tombstones (the snapshot's time + the topic's delete.retention.ms);
+        past it, or when the offsets no longer fit the topic (recreated, truncated), the
+        follower bootstraps at first contact, serving the snapshot meanwhile."""
         self.kafka = kafka
         self.ready = asyncio.Event()  # set once: bootstrapped to the end offsets read at start
         self.view = RangeSet()
@@ -59,7 +62,6 @@ class Follower:
         self.last_update: float | None = None  # wall time of the last applied record
         self.last_contact: float | None = None  # monotonic time the broker last answered
         self.propagation: deque[float] = deque(maxlen=10_000)  # command published -> applied, seconds
-        self.on_propagation = on_propagation
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._status_interval_s = status_interval_s
         self._create_topics = create_topics
@@ -72,6 +74,8 @@ class Follower:
             self.view, self.index = view, Index.build(view.ranges())
             self.offsets, self.applied_offsets = dict(offsets), dict(offsets)
             self.ready.set()
+        self._check_start = initial is not None
+        self._trusted_until = trusted_until
 
     # -- what the gateway reads -----------------------------------------------------------
 
@@ -80,7 +84,7 @@ class Follower:
         """View records the broker has that this follower has not applied (None before the first answer)."""
         if not self.end_offsets:
             return None
-        return sum(max(0, end - self.offsets.get(p, 0)) for p, end in self.end_offsets.items())
+        return sum(max(0, end - self.applied_offsets.get(p, 0)) for p, end in self.end_offsets.items())
 
     def age_of_last_update(self) -> float | None:
         """Seconds since the last view record was applied."""
@@ -124,32 +128,40 @@ class Follower:
         if self._create_topics:
             await ensure_topics(self.kafka)
             self._create_topics = False
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.kafka.bootstrap,
-            client_id="gateway-follower",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-            fetch_max_wait_ms=self._fetch_max_wait_ms,
-            max_partition_fetch_bytes=16 << 20,
-            fetch_max_bytes=64 << 20,
-        )
+        consumer = log_reader(self.kafka.bootstrap, "gateway-follower", fetch_max_wait_ms=self._fetch_max_wait_ms)
         await consumer.start()
         status = None
         try:
             partitions = await partitions_of(consumer, self.kafka.ranges_topic)
             consumer.assign(partitions)
-            if not self.ready.is_set():
+            if not self.ready.is_set() or (self._check_start and not await self._start_fits(consumer, partitions)):
                 await self._catch_up(consumer, partitions)
             else:
                 for tp in partitions:
                     consumer.seek(tp, self.offsets.get(tp.partition, 0))
+            self._check_start = False
             status = asyncio.create_task(self._watch_end_offsets(consumer, partitions))
             await self._follow(consumer)
         finally:
             if status is not None:
                 status.cancel()
             await consumer.stop()
+
+    async def _start_fits(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> bool:
+        """Whether reading on from the starting offsets gives the exact view (see __init__)."""
+        if self._trusted_until is not None and time.time() > self._trusted_until:
+            log.warning("follower: the snapshot is older than delete.retention.ms now; bootstrapping")
+            return False
+        firsts = await consumer.beginning_offsets(partitions)
+        ends = await consumer.end_offsets(partitions)
+        for tp in partitions:
+            offset = self.offsets.get(tp.partition, 0)
+            # Tansu's end offset may lag the true end: a false alarm only costs a bootstrap.
+            if not firsts[tp] <= offset <= ends[tp]:
+                log.warning("follower: snapshot offset %d of partition %d is outside the topic (%d..%d); "
+                            "bootstrapping", offset, tp.partition, firsts[tp], ends[tp])
+                return False
+        return True
 
     async def _catch_up(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
         """Read to the end offsets of now, then swap in the result and report ready."""
@@ -160,9 +172,10 @@ class Follower:
         def collect(tp, records) -> None:
             for record in records:
                 loader.add(record)
-            tag = header(records[-1].headers, "command-offset") if records else None
-            if tag is not None and tag.isdigit():
-                tags.append(int(tag))
+                if header(record.headers, "last") is not None:  # only whole commands count as applied
+                    tag = header(record.headers, "command-offset")
+                    if tag is not None and tag.isdigit():
+                        tags.append(int(tag))
 
         await consumer.seek_to_beginning(*partitions)
         ends = await read_to_end(consumer, partitions, collect)
@@ -224,8 +237,6 @@ class Follower:
         if self.ready.is_set():
             sample = max(0.0, now - final.timestamp / 1000)
             self.propagation.append(sample)
-            if self.on_propagation is not None:
-                self.on_propagation(sample)
         self._applied_event.set()
 
     async def _watch_end_offsets(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:

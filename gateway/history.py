@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from .commands import CommandError, parse_command
 from .config import KafkaConfig
 from .ranges import RangeSet
-from .topics import read_to_end
+from .topics import log_reader, read_to_end
 
 log = logging.getLogger("gateway.history")
 
@@ -31,7 +31,9 @@ class Replay:
 
 async def replay(kafka: KafkaConfig, *, offset: int | None = None, until: datetime | None = None) -> Replay:
     """`gateway ctl replay`: fold the commands before `offset` (the first N) and/or published at or
-    before `until` (a naive datetime is local time, as datetime.timestamp() reads it)."""
+    before `until` (a naive datetime is UTC, as everywhere in the admin API)."""
+    if until is not None and until.tzinfo is None:
+        until = until.replace(tzinfo=timezone.utc)
     until_ms = int(until.timestamp() * 1000) if until is not None else None
     result = Replay(RangeSet())
     done = False
@@ -55,15 +57,7 @@ async def replay(kafka: KafkaConfig, *, offset: int | None = None, until: dateti
             result.view.apply(command)
             result.commands += 1
 
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka.bootstrap,
-        client_id="gateway-replay",
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        fetch_max_wait_ms=50,
-        max_partition_fetch_bytes=16 << 20,
-        fetch_max_bytes=64 << 20,
-    )
+    consumer = log_reader(kafka.bootstrap, "gateway-replay")
     await consumer.start()
     try:
         consumer.assign([commands])

@@ -11,10 +11,9 @@ with its holder when a standby joins; when the holder dies (session timeout) or 
 a standby gets it, re-reads the view to its end and continues.
 
 Progress marker: a batch whose last commands change nothing (no-ops, poison records) still
-records its progress, by re-publishing one unchanged range of the view tagged with the batch's
-last command offset and `last`. Followers store the same value again (no change), and a restart
-resumes after that command instead of re-reading the tail. With an empty view there is nothing
-to re-publish; the restart then re-folds that tail, which writes nothing (idempotent).
+records its progress, by re-publishing one unchanged range of the view (on an empty view, a
+tombstone of an absent key) tagged with the batch's last command offset and `last`. Followers
+store it as no change; a restart resumes after that command, and `?wait=1` sees it applied.
 """
 
 from __future__ import annotations
@@ -32,9 +31,10 @@ from aiokafka.errors import KafkaError
 from .addresses import format_address
 from .commands import Command, CommandError, parse_command
 from .config import KafkaConfig
-from .publisher import BatchWriter, parse_command_fast
+from .publisher import BatchWriter
 from .ranges import RangeSet, Record
-from .topics import ensure_topics, header, partitions_of, read_to_end
+from .topics import ensure_topics, header, log_reader, partitions_of, read_to_end
+from .view import ViewLoader
 
 log = logging.getLogger("gateway.materializer")
 
@@ -85,13 +85,13 @@ class Materializer(ConsumerRebalanceListener):
         self.poison = 0  # command records skipped because they do not parse
         self.applied = 0  # commands folded by this process
         self.written = 0  # view records written by this process
-        self.takeovers = 0
         self.active = False
         self.next_offset: int | None = None  # next command to fold, while active
         self.view: RangeSet | None = None
         self._commands = TopicPartition(kafka.commands_topic, 0)
         self._lock = asyncio.Lock()
         self._must_recover = False
+        self._refold_from: int | None = None  # first command of a fold whose view write failed
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -189,13 +189,17 @@ class Materializer(ConsumerRebalanceListener):
             resume = highest + 1
             records = view.reconcile(None if complete else command)
             tag = highest
+        if self._refold_from is not None:
+            # A failed write may have lost a batch in the middle of a fold while later ones
+            # landed: fold those commands again. Re-folding is idempotent: each address ends
+            # as the last command covering it says, whatever the view held before.
+            resume, self._refold_from = min(resume, self._refold_from), None
         if records or (tag is not None and not complete):
             await self._write(producer, view, records, tag, timestamp=None)
         self.view = view
         self.next_offset = resume
         consumer.seek(self._commands, resume)
         self.active = True
-        self.takeovers += 1
         log.info(
             "materializer active: view of %d ranges read in %.2f s, %d correcting records, resuming at command %d",
             len(view), time.monotonic() - started, len(records), resume,
@@ -207,15 +211,7 @@ class Materializer(ConsumerRebalanceListener):
         loader = ViewLoader(self)
         highest: int | None = None
         complete = False
-        reader = AIOKafkaConsumer(
-            bootstrap_servers=self.kafka.bootstrap,
-            client_id="gateway-materializer-recovery",
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            fetch_max_wait_ms=50,
-            max_partition_fetch_bytes=16 << 20,
-            fetch_max_bytes=64 << 20,
-        )
+        reader = log_reader(self.kafka.bootstrap, "gateway-materializer-recovery")
         await reader.start()
         try:
             partitions = await partitions_of(reader, self.kafka.ranges_topic)
@@ -262,12 +258,13 @@ class Materializer(ConsumerRebalanceListener):
         view = self.view
         writer = BatchWriter(producer, self.kafka.ranges_topic)
         wrote_up_to = None
+        first = self.next_offset
         for record in records:
             if record.offset < self.next_offset:  # fetched before a seek: already folded
                 continue
             self.next_offset = record.offset + 1
             try:
-                command = parse_command_fast(record.value if record.value is not None else b"")
+                command = parse_command(record.value if record.value is not None else b"")
             except CommandError as exc:
                 self.poison += 1
                 log.warning("materializer: skipping poison command at offset %d: %s", record.offset, exc)
@@ -280,7 +277,11 @@ class Materializer(ConsumerRebalanceListener):
         batch_end = self.next_offset - 1
         if wrote_up_to != batch_end and records:
             await self._append(writer, touch_record(view), batch_end, None)
-        await writer.flush()
+        try:
+            await writer.flush()
+        except BaseException:
+            self._refold_from = first
+            raise
 
     async def _write(self, producer, view: RangeSet, records: list[Record], tag: int | None, timestamp) -> None:
         if not records and tag is not None:
@@ -307,55 +308,14 @@ class Materializer(ConsumerRebalanceListener):
 
 
 def touch_record(view: RangeSet) -> list[Record]:
-    """One unchanged range of the view, re-published to record progress (nothing if the view is empty)."""
+    """A record that changes nothing, to carry the progress tag of commands that changed nothing:
+    one unchanged range of the view re-published, or, on an empty view, a tombstone of a key
+    that is not there (followers store it as no change)."""
     first = next(view.ranges(), None)
     if first is None:
-        return []
+        return [("0.0.0.0", None)]
     version, start, end = first
     return [(format_address(version, start), format_address(version, end))]
-
-
-def store_view_record(view: RangeSet, record, counter) -> object | None:
-    """Store one view record as the topic holds it; count and log it as poison when malformed."""
-    try:
-        if record.key is None:
-            raise ValueError("no key")
-        value = record.value.decode() if record.value is not None else None
-        return view.store(record.key.decode(), value)
-    except (ValueError, UnicodeDecodeError) as exc:
-        counter.poison += 1
-        log.warning("skipping poison view record at offset %d: %s", record.offset, exc)
-        return None
-
-
-class ViewLoader:
-    """Collects a whole view (last value per key wins, as compaction would leave it) and loads it
-    in one pass with RangeSet.from_view: the bootstrap path, much faster than storing each record.
-
-    A malformed record counts as poison; unlike `store`, it also hides an earlier value of its key.
-    """
-
-    def __init__(self, counter) -> None:
-        self.latest: dict[bytes, bytes | None] = {}
-        self._counter = counter
-
-    def add(self, record) -> None:
-        if record.key is None:
-            self._counter.poison += 1
-            log.warning("skipping poison view record at offset %d: no key", record.offset)
-        else:
-            self.latest[record.key] = record.value
-
-    def load(self) -> RangeSet:
-        def poison(record, exc) -> None:
-            self._counter.poison += 1
-            log.warning("skipping poison view record %r = %r: %s", record[0], record[1], exc)
-
-        records = (
-            (key.decode(errors="replace"), value.decode(errors="replace") if value is not None else None)
-            for key, value in self.latest.items()
-        )
-        return RangeSet.from_view(records, on_error=poison)
 
 
 async def materialize(

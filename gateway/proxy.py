@@ -86,7 +86,7 @@ class Stats:
     def __init__(self) -> None:
         for outcome in _OUTCOMES:
             setattr(self, outcome, 0)
-        self.latency = LatencyHistogram()  # request in -> response out, every outcome
+        self.latency = LatencyHistogram()  # request in -> response out, for requests sent upstream
         self.upstream_latency = LatencyHistogram()  # request sent upstream -> its response in
 
     def outcomes(self) -> dict[str, int]:

@@ -7,20 +7,17 @@ first record is sent, so a typo on line 900,000 does not leave half a blocklist 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from .commands import ACTIONS, BLACKLIST, MAX_COMMAND_BYTES, Command, CommandError, parse_command, parse_network
+from .commands import ACTIONS, BLACKLIST, Command, CommandError, parse_command, parse_network
 from .config import KafkaConfig
 from .topics import ensure_topics
 
 MAX_REPORTED_ERRORS = 20
-_ACTIONS_BYTES = {action.encode() for action in ACTIONS}
 
 
 class ImportFileError(ValueError):
@@ -49,7 +46,6 @@ def parse_lines(lines: Iterable[bytes | str], default_action: str = BLACKLIST, s
     """
     commands: list[bytes] = []
     errors: list[tuple[int, str]] = []
-    prefix = f"{default_action} "
     for number, raw in enumerate(lines, start=1):
         try:
             line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
@@ -60,10 +56,7 @@ def parse_lines(lines: Iterable[bytes | str], default_action: str = BLACKLIST, s
         if not line:
             continue
         try:
-            cidr = _canonical_ipv4(line)
-            if cidr is not None:
-                commands.append((prefix + cidr).encode())
-            elif line.split(None, 1)[0].upper() in ACTIONS:
+            if line.split(None, 1)[0].upper() in ACTIONS:
                 commands.append(parse_command(line).encode())
             else:
                 commands.append(Command(default_action, parse_network(line)).encode())  # type: ignore[arg-type]
@@ -72,47 +65,6 @@ def parse_lines(lines: Iterable[bytes | str], default_action: str = BLACKLIST, s
     if errors:
         raise ImportFileError(source, errors)
     return commands
-
-
-def _ipv4_prefix(text: str) -> tuple[int, int] | None:
-    """(network, prefix length) of a canonical IPv4 address or CIDR, without the ipaddress parser
-    (the common case of blocklists and of the command topic). None for anything else: then
-    parse_network decides, and names the error."""
-    address, slash, length = text.partition("/")
-    try:
-        packed = socket.inet_pton(socket.AF_INET, address)
-    except OSError:
-        return None
-    if socket.inet_ntoa(packed) != address:
-        return None
-    if not slash:
-        bits = 32
-    elif length.isascii() and length.isdigit() and int(length) <= 32:
-        bits = int(length)
-    else:
-        return None
-    value = int.from_bytes(packed, "big")
-    if value & ((1 << (32 - bits)) - 1):
-        return None
-    return value, bits
-
-
-def _canonical_ipv4(text: str) -> str | None:
-    prefix = _ipv4_prefix(text)
-    return None if prefix is None else f"{text.partition('/')[0]}/{prefix[1]}"
-
-
-def parse_command_fast(raw: bytes) -> Command:
-    """parse_command, 3x faster for canonical IPv4 commands (the materializer's hot loop)."""
-    action, space, cidr = raw.partition(b" ")
-    if space and action in _ACTIONS_BYTES and len(raw) <= MAX_COMMAND_BYTES:
-        try:
-            prefix = _ipv4_prefix(cidr.decode("ascii"))
-        except UnicodeDecodeError:
-            prefix = None
-        if prefix is not None:
-            return Command(action.decode(), ipaddress.IPv4Network(prefix))  # type: ignore[arg-type]
-    return parse_command(raw)
 
 
 class BatchWriter:
@@ -136,14 +88,20 @@ class BatchWriter:
         self._count += 1
 
     async def flush(self) -> list[int]:
-        """Send what is left; wait until the broker has every record; return their offsets in order."""
+        """Send what is left; wait until the broker has every record; return their offsets in order.
+
+        On a failure, every batch is still waited for before the first error is raised, so no
+        batch of this writer can land after the caller starts repairing.
+        """
         if self._count:
             await self._send()
         sent, self._sent = self._sent, []
+        results = await asyncio.gather(*(future for future, _ in sent), return_exceptions=True)
         offsets: list[int] = []
-        for future, count in sent:
-            base = (await future).offset
-            offsets.extend(range(base, base + count))
+        for result, (_, count) in zip(results, sent):
+            if isinstance(result, BaseException):
+                raise result
+            offsets.extend(range(result.offset, result.offset + count))
         return offsets
 
     async def _send(self) -> None:

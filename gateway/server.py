@@ -102,8 +102,7 @@ class Supervisor:
         for slot, process in enumerate(self.workers):
             loop.add_reader(process.sentinel, self._exited, slot)
 
-        initial, baseline = initial_view(self.config)
-        follower = Follower(self.config.kafka, initial=initial)
+        follower, baseline = start_follower(self.config)
         publisher = LazyPublisher(self.config.kafka)
         metrics = Metrics()
         tasks = [
@@ -166,17 +165,15 @@ class Supervisor:
                 process.join()
 
 
-def initial_view(config: ServeConfig) -> tuple[tuple[RangeSet, dict[int, int]] | None, float | None]:
-    """The snapshot to start from, if configured and fresh: (view, next offsets) and its time."""
-    if not config.snapshot:
-        return None, None
-    snapshot = load_snapshot(config.snapshot, config.kafka.ranges_topic)
+def start_follower(config: ServeConfig) -> tuple[Follower, float | None]:
+    """This process's follower, starting from the snapshot when one is configured and fresh;
+    and the snapshot's time (None without one)."""
+    snapshot = load_snapshot(config.snapshot, config.kafka.ranges_topic) if config.snapshot else None
     if snapshot is None:
-        return None, None
-    view = RangeSet()
-    for key, value in snapshot.records:
-        view.store(key, value)
-    return (view, snapshot.offsets), snapshot.written_at
+        return Follower(config.kafka), None
+    view = RangeSet.from_view(snapshot.records)
+    trusted_until = snapshot.written_at + snapshot.delete_retention_ms / 1000
+    return Follower(config.kafka, initial=(view, snapshot.offsets), trusted_until=trusted_until), snapshot.written_at
 
 
 # -- a worker -----------------------------------------------------------------------------------
@@ -197,8 +194,7 @@ async def serve_worker(slot: int, config: ServeConfig, port: int, progress: Work
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    initial, baseline = initial_view(config)
-    follower = Follower(config.kafka, initial=initial)
+    follower, baseline = start_follower(config)
     stats = Stats()
     proxy = Proxy(config, follower, stats)
     tasks = [

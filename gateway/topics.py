@@ -21,6 +21,21 @@ COMMANDS_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.polic
 RANGES_CONFIG = {"cleanup.policy": "compact"}
 
 
+def log_reader(bootstrap: str, client_id: str, *, fetch_max_wait_ms: int = 50) -> AIOKafkaConsumer:
+    """A consumer that reads whole topics by assignment (no group, no commits), committed
+    records only, in large fetches: what bootstrapping, recovery and replay need."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        fetch_max_wait_ms=fetch_max_wait_ms,
+        max_partition_fetch_bytes=16 << 20,
+        fetch_max_bytes=64 << 20,
+    )
+
+
 class TopicError(RuntimeError):
     """A topic that exists but cannot be used as the design needs it."""
 

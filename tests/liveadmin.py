@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from gateway.admin import LazyPublisher, make_admin_app, start_admin
 from gateway.config import KafkaConfig, ServeConfig
@@ -24,6 +25,7 @@ class LiveAdmin:
     token: str
     follower: Follower
     session: aiohttp.ClientSession
+    kafka: KafkaConfig
 
     def headers(self, token: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {token or self.token}"}
@@ -40,6 +42,16 @@ class LiveAdmin:
         status, body = await self.call("POST", "/admin/commands?wait=1", json={"command": text, **kwargs})
         assert status == 202, body
         return body["offset"]
+
+    async def published(self) -> int:
+        """How many records the command topic holds (its end offset)."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.kafka.bootstrap)
+        await consumer.start()
+        try:
+            partition = TopicPartition(self.kafka.commands_topic, 0)
+            return (await consumer.end_offsets([partition]))[partition]
+        finally:
+            await consumer.stop()
 
     async def clear(self) -> None:
         """Empty the view (each command changes it, so each is applied visibly)."""
@@ -67,7 +79,7 @@ async def live_admin(bootstrap: str, commands: str, ranges: str, *, token: str |
     try:
         await asyncio.wait_for(follower.ready.wait(), 30)
         async with aiohttp.ClientSession() as session:
-            yield LiveAdmin(f"http://127.0.0.1:{port}", token or "", follower, session)
+            yield LiveAdmin(f"http://127.0.0.1:{port}", token or "", follower, session, kafka)
     finally:
         await runner.cleanup()
         await publisher.stop()

@@ -75,3 +75,16 @@ def test_a_bare_address_is_a_host_route():
 def test_ipv4_mapped_addresses_outside_the_mapped_block_are_fine():
     # ::/0 covers the mapped block too; only ranges inside it are refused.
     assert parse_network("::/0").prefixlen == 0
+
+
+@pytest.mark.parametrize("text", ["10.0.0.0/24", "1.2.3.4", "1.2.3.4/32", "0.0.0.0/0", "010.0.0.0/8", "10.0.0.5/24",
+                                  "10.0.0.0/33", "10.0.0.0/ 8", "10.0.0.0/+8", "1.2.3", "2001:db8::/32"])
+def test_the_ipv4_fast_path_agrees_with_ipaddress(text):
+    """Canonical IPv4 skips ipaddress's parser; anything else must still get the same answer or error."""
+    try:
+        expected = ipaddress.ip_network(text)
+    except ValueError:
+        with pytest.raises(CommandError):
+            parse_network(text)
+    else:
+        assert parse_network(text) == expected

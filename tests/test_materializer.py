@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from gateway.commands import Command, parse_command, parse_network
 from gateway.materializer import Materializer
@@ -149,6 +149,18 @@ async def test_a_trailing_no_op_still_records_progress(kafka, read_view):
     assert await read_view(kafka) == fold([parse_command("BLACKLIST 10.0.0.0/24")])
 
 
+async def test_a_no_op_on_an_empty_view_is_still_marked_applied(kafka, read_topic, read_view):
+    async with Publisher(kafka) as publisher:
+        await publisher.publish("WHITELIST 10.0.0.0/24")  # nothing is blacklisted: changes nothing
+    materializer = Materializer(kafka)
+    task = await running(materializer)
+    await eventually(lambda: asyncio.sleep(0, materializer.applied == 1))
+    await stopped(materializer, task)
+    marker = (await read_topic(kafka.ranges_topic))[-1]
+    assert (marker.key, marker.value, dict(marker.headers)) == (b"0.0.0.0", None, {"command-offset": b"0", "last": b"1"})
+    assert len(await read_view(kafka)) == 0
+
+
 async def test_sigkill_at_random_points_of_a_20k_import_ends_exact(kafka, read_view, tmp_path):
     commands = random_commands(20_000, seed=3)
     async with Publisher(kafka) as publisher:
@@ -157,10 +169,13 @@ async def test_sigkill_at_random_points_of_a_20k_import_ends_exact(kafka, read_v
     rng = random.Random(7)
     log = tmp_path / "materializer.log"
     for round_ in range(1, 4):
+        written = await view_end(kafka)
         process = spawn_materializer(kafka, log)
         try:
             assert wait_for_line(log, "materializer active", timeout=30, count=round_), log.read_text()
-            time.sleep(rng.uniform(0.02, 0.25))  # folding all 20k takes under 1 s
+            # Kill once this round has written something, at a random point after that.
+            assert await eventually(lambda: _grew(view_end(kafka), written), timeout=30, interval=0.01)
+            time.sleep(rng.uniform(0.0, 0.15))  # folding all 20k takes about 1 s
         finally:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
@@ -179,6 +194,21 @@ async def test_sigkill_at_random_points_of_a_20k_import_ends_exact(kafka, read_v
 
 async def _equals(view_coroutine, expected):
     return await view_coroutine == expected
+
+
+async def _grew(end_coroutine, before):
+    return await end_coroutine > before
+
+
+async def view_end(kafka) -> int:
+    """The end offset of the view topic's partition 0 (0 before the topic exists)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap)
+    await consumer.start()
+    try:
+        partition = TopicPartition(kafka.ranges_topic, 0)
+        return (await consumer.end_offsets([partition]))[partition]
+    finally:
+        await consumer.stop()
 
 
 async def test_two_materializers_one_writer_and_handover(kafka, read_view, tmp_path):

@@ -28,15 +28,17 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def bidder(delay_s: float = 0.0):
-    """A real upstream: answers `bid:<body>` after `delay_s`; counts what it answered."""
+    """A real upstream: answers `bid:<body>` after `delay_s`; records what it received and answered."""
     answered = []
 
     async def handle(request: web.Request) -> web.Response:
         body = await request.read()
+        handle.received += 1
         await asyncio.sleep(delay_s)
         answered.append(body)
         return web.Response(body=b"bid:" + body)
 
+    handle.received = 0
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
@@ -44,7 +46,7 @@ async def bidder(delay_s: float = 0.0):
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     try:
-        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", answered
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", answered, handle
     finally:
         await runner.cleanup()
 
@@ -109,7 +111,7 @@ async def until(predicate, timeout: float = 10.0) -> None:
 
 async def test_published_blacklist_blocks_the_next_requests_in_every_worker(kafka_bootstrap, topic_names, tmp_path):
     port, admin = free_port(), free_port()
-    async with bidder() as (upstream, answered):
+    async with bidder() as (upstream, answered, _):
         with process(["materialize", "--kafka", kafka_bootstrap, "--commands-topic", topic_names.commands,
                       "--ranges-topic", topic_names.ranges], tmp_path, "materializer"), \
              process(serve_args(kafka_bootstrap, topic_names, [upstream], port, admin, "--workers", "2"),
@@ -142,7 +144,7 @@ async def _status_is(port: int, source: str, status: int) -> bool:
 
 async def test_not_ready_until_bootstrapped_answers_503_with_retry_after(topic_names, tmp_path):
     port, admin, dead_broker = free_port(), free_port(), free_port()
-    async with bidder() as (upstream, answered):
+    async with bidder() as (upstream, answered, _):
         with process(serve_args(f"127.0.0.1:{dead_broker}", topic_names, [upstream], port, admin),
                      tmp_path, "gateway") as gateway:
             await wait_status(f"http://127.0.0.1:{admin}/readyz", 503)
@@ -176,13 +178,15 @@ async def test_hanging_upstream_gets_timeout_status_within_budget(kafka_bootstra
 
 async def test_sigterm_drains_in_flight_requests(kafka_bootstrap, topic_names, tmp_path):
     port, admin = free_port(), free_port()
-    async with bidder(delay_s=0.4) as (upstream, answered):
+    async with bidder(delay_s=0.4) as (upstream, answered, handler):
         with process(serve_args(kafka_bootstrap, topic_names, [upstream], port, admin,
                                 "--budget-ms", "2000", "--workers", "2"), tmp_path, "gateway") as gateway:
             await wait_status(f"http://127.0.0.1:{admin}/readyz")
             in_flight = [asyncio.create_task(request(port, body=str(i).encode())) for i in range(16)]
-            await asyncio.sleep(0.2)  # all sent, none answered yet (the bidder takes 0.4 s)
-            assert not answered
+            deadline = time.monotonic() + 5
+            while handler.received < 16 and time.monotonic() < deadline:  # all in flight at the bidder
+                await asyncio.sleep(0.01)
+            assert handler.received == 16 and not answered
             gateway.send_signal(signal.SIGTERM)
             results = await asyncio.gather(*in_flight)
             assert sorted(body for _, _, body in results) == sorted(b"bid:%d" % i for i in range(16))
@@ -194,7 +198,7 @@ async def test_sigterm_drains_in_flight_requests(kafka_bootstrap, topic_names, t
 
 async def test_a_killed_worker_is_replaced(kafka_bootstrap, topic_names, tmp_path):
     port, admin = free_port(), free_port()
-    async with bidder() as (upstream, _):
+    async with bidder() as (upstream, _, _):
         with process(serve_args(kafka_bootstrap, topic_names, [upstream], port, admin, "--workers", "2"),
                      tmp_path, "gateway") as gateway:
             await wait_status(f"http://127.0.0.1:{admin}/readyz")
