@@ -24,15 +24,19 @@ BENCH = Path(__file__).resolve().parent
 OUT = BENCH / "out"
 PY = sys.executable
 
-# name -> (script, arguments of a full run, arguments of a quick run)
-BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
-    "lookup": ("lookup", [], ["--sizes", "1000,100000"]),
-    "bootstrap": ("bootstrap", [], ["--sizes", "100000"]),
-    "propagation": ("propagation", [], ["--commands", "200"]),
-    "materializer": ("materializer", [], ["--commands", "50000", "--import-lines", "100000"]),
-    "proxy": ("proxy", [], ["--duration", "3"]),
+HUGEPAGES = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}  # what deploy/ sets for the gateway
+
+# name -> (script, arguments of a full run, arguments of a quick run, extra environment)
+BENCHES: dict[str, tuple[str, list[str], list[str], dict[str, str]]] = {
+    "lookup": ("lookup", [], ["--sizes", "1000,100000"], {}),
+    # The same index with malloc on transparent huge pages, as deploy/ runs the gateway.
+    "lookup-hugepages": ("lookup", [], ["--sizes", "1000,100000"], HUGEPAGES),
+    "bootstrap": ("bootstrap", [], ["--sizes", "100000"], {}),
+    "propagation": ("propagation", [], ["--commands", "200"], {}),
+    "materializer": ("materializer", [], ["--commands", "50000", "--import-lines", "100000"], {}),
+    "proxy": ("proxy", [], ["--duration", "3"], {}),
     # The same comparison with two gateway workers: does throughput grow with --workers?
-    "proxy-2-workers": ("proxy", ["--workers", "2"], ["--workers", "2", "--duration", "3"]),
+    "proxy-2-workers": ("proxy", ["--workers", "2"], ["--workers", "2", "--duration", "3"], {}),
 }
 
 
@@ -59,17 +63,17 @@ def machine() -> dict[str, str]:
     }
 
 
-def run(name: str, script_name: str, args: list[str]) -> dict | None:
+def run(name: str, script_name: str, args: list[str], env: dict[str, str]) -> dict | None:
     script = BENCH / f"{script_name}.py"
     command = [PY, str(script), *args, "--out", str(OUT / f"{name}.json")]
     print(f"run_all: {' '.join(command[1:])}", flush=True)
     started = time.monotonic()
-    done = subprocess.run(command, cwd=BENCH.parent)
+    done = subprocess.run(command, cwd=BENCH.parent, env={**os.environ, **env})
     if done.returncode != 0:
         print(f"run_all: {name} failed with exit code {done.returncode}", file=sys.stderr)
         return None
     result = json.loads((OUT / f"{name}.json").read_text())
-    result["command"] = " ".join(["python", f"bench/{script_name}.py", *args])
+    result["command"] = " ".join([*(f"{k}={v}" for k, v in env.items()), "python", f"bench/{script_name}.py", *args])
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
 
@@ -107,13 +111,16 @@ def charts(results: dict[str, dict]) -> list[str]:
         made.append("proxy.png")
     lookup = results.get("lookup")
     if lookup:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [r["ranges"] for r in lookup["rows"]]
-        for key in ("ns_v4_hit", "ns_v4_miss", "ns_v6_hit", "ns_v6_miss"):
-            ax.plot(xs, [r[key] for r in lookup["rows"]], marker="o", label=key[3:])
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, style in (("lookup", "-"), ("lookup-hugepages", "--")):
+            rows = results.get(name, {}).get("rows", [])
+            xs = [r["ranges"] for r in rows]
+            for key in ("ns_v4_hit", "ns_v4_miss", "ns_v6_hit", "ns_v6_miss"):
+                label = key[3:] + (" (huge pages)" if name != "lookup" else "")
+                ax.plot(xs, [r[key] for r in rows], style, marker="o", label=label)
         ax.axhline(1000, color="grey", linestyle="--", label="target 1 µs")
         ax.set(xlabel="ranges in the index", ylabel="ns per lookup", xscale="log", title="Lookup cost")
-        ax.legend()
+        ax.legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(BENCH / "lookup.png", dpi=100)
         made.append("lookup.png")
@@ -177,8 +184,8 @@ def main() -> int:
     names = args.only.split(",") if args.only else list(BENCHES)
     results = {}
     for name in names:
-        script, full, quick = BENCHES[name]
-        result = run(name, script, quick if args.quick else full)
+        script, full, quick, env = BENCHES[name]
+        result = run(name, script, quick if args.quick else full, env)
         if result is not None:
             results[name] = result
     charts(results)
