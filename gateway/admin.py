@@ -4,19 +4,17 @@ It runs in the supervisor process of `gateway serve`, with its own follower, awa
 request path: listing a million ranges or replaying the command log never delays a bid.
 Queries (/admin/ranges, /admin/lookup, /admin/status) read that follower's view; commands
 go to the command topic and return their offset (CQRS). `?wait=1` answers once the command
-is applied here and, through `WorkerProgress`, in every worker: read-your-writes for the
+is applied here and, through `progress.WorkerProgress`, in every worker: read-your-writes for the
 proxy too. /healthz, /readyz and /metrics need no token; every /admin/* route does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import ipaddress
 import json
 import logging
-import multiprocessing
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -33,7 +31,7 @@ from .config import ServeConfig
 from .history import replay
 from .logs import ACCESS
 from .metrics import METRICS_REGISTRY, handle_metrics, healthz, view_state
-from .publisher import Publisher
+from .progress import WorkerProgress
 
 log = logging.getLogger(__name__)
 
@@ -48,66 +46,6 @@ PUBLISHER = web.AppKey("publisher", object)
 CONFIG = web.AppKey("config", ServeConfig)
 PROGRESS = web.AppKey("progress", object)
 BASELINE = web.AppKey("baseline", float)
-
-
-class WorkerProgress:
-    """Each worker's applied command offset in shared memory, so the supervisor knows what every worker enforces.
-
-    Create it in the supervisor before the workers start and hand it to them; each worker runs
-    `report(i, follower)`. A slot reads NOT_READY until that worker's view is bootstrapped,
-    then the highest command offset it applied (-1: none yet).
-    """
-
-    NOT_READY = -2
-
-    def __init__(self, workers: int) -> None:
-        self.slots = multiprocessing.RawArray("q", [self.NOT_READY] * workers)
-
-    async def report(self, slot: int, follower: Any) -> None:
-        """In worker `slot`: publish its progress whenever its follower applies a command (until cancelled)."""
-        await follower.ready.wait()
-        while True:
-            applied = follower.applied_command if follower.applied_command is not None else -1
-            self.slots[slot] = applied
-            await follower.wait_applied(applied + 1, timeout=1.0)
-
-    def reset(self, slot: int) -> None:
-        """The worker in `slot` exited: not ready until its replacement reports."""
-        self.slots[slot] = self.NOT_READY
-
-    def applied(self) -> int:
-        """The command offset every worker has applied (NOT_READY while any worker bootstraps)."""
-        return min(self.slots, default=-1)
-
-    def ready(self) -> bool:
-        return self.applied() > self.NOT_READY
-
-
-class LazyPublisher:
-    """A Publisher started on first use (again after a failed start): the admin API comes up while the broker is down."""
-
-    def __init__(self, kafka: Any) -> None:
-        self.kafka = kafka
-        self._publisher: Publisher | None = None
-        self._lock = asyncio.Lock()
-
-    async def publish(self, command: Any, **headers: Any) -> int:
-        async with self._lock:
-            if self._publisher is None:
-                publisher = Publisher(self.kafka)
-                try:
-                    await asyncio.wait_for(publisher.start(), PUBLISH_TIMEOUT_S)
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        await publisher.stop()
-                    raise
-                self._publisher = publisher
-        return await self._publisher.publish(command, **headers)
-
-    async def stop(self) -> None:
-        if self._publisher is not None:
-            await self._publisher.stop()
-            self._publisher = None
 
 
 # -- errors and auth -------------------------------------------------------------------------

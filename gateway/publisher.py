@@ -7,9 +7,11 @@ first record is sent, so a typo on line 900,000 does not leave half a blocklist 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
@@ -18,6 +20,7 @@ from .config import KafkaConfig
 from .topics import ensure_topics
 
 MAX_REPORTED_ERRORS = 20
+START_TIMEOUT_S = 10.0  # LazyPublisher: how long the first use waits for the broker
 
 
 class ImportFileError(ValueError):
@@ -216,3 +219,30 @@ async def import_file(
     async with Publisher(kafka) as publisher:
         offsets = await publisher.publish_encoded(commands, actor=actor, reason=reason)
     return ImportResult(len(offsets), offsets[0], offsets[-1])
+
+
+class LazyPublisher:
+    """A Publisher started on first use (again after a failed start): the admin API comes up while the broker is down."""
+
+    def __init__(self, kafka: Any) -> None:
+        self.kafka = kafka
+        self._publisher: Publisher | None = None
+        self._lock = asyncio.Lock()
+
+    async def publish(self, command: Any, **headers: Any) -> int:
+        async with self._lock:
+            if self._publisher is None:
+                publisher = Publisher(self.kafka)
+                try:
+                    await asyncio.wait_for(publisher.start(), START_TIMEOUT_S)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await publisher.stop()
+                    raise
+                self._publisher = publisher
+        return await self._publisher.publish(command, **headers)
+
+    async def stop(self) -> None:
+        if self._publisher is not None:
+            await self._publisher.stop()
+            self._publisher = None

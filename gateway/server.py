@@ -23,12 +23,14 @@ from multiprocessing.process import BaseProcess
 
 import uvloop
 
-from .admin import LazyPublisher, WorkerProgress, make_admin_app, start_admin
+from .admin import make_admin_app, start_admin
 from .config import ServeConfig
 from .follower import Follower
 from .logs import setup_logging
 from .metrics import Flusher, Metrics, multiprocess_dir, worker_exited
+from .progress import WorkerProgress
 from .proxy import Proxy, Stats
+from .publisher import LazyPublisher
 from .ranges import RangeSet
 from .snapshot import keep_writing
 from .snapshot import load as load_snapshot

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from gateway.admin import LazyPublisher, make_admin_app, start_admin
+from gateway.admin import make_admin_app, start_admin
 from gateway.config import KafkaConfig, ServeConfig
 from gateway.follower import Follower
 from gateway.materializer import Materializer
 from gateway.metrics import Flusher, Metrics
+from gateway.publisher import LazyPublisher
 
 TOKEN = "test-token-1234"
 
