@@ -58,6 +58,17 @@ def _sbin_path() -> str:
     return os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 
 
+def run(command: list[str], **kwargs) -> int:
+    """Run a child in the foreground. Ctrl-C reaches it too (same process group): wait for it
+    to stop cleanly instead of leaving it behind with a traceback."""
+    child = subprocess.Popen(command, **kwargs)
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            continue
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"demo", "test", "bench"}:
         print(__doc__, file=sys.stderr)
@@ -66,11 +77,11 @@ def main(argv: list[str]) -> int:
     ensure_venv()
     os.environ["PATH"] = _sbin_path()
     if what == "demo":
-        return subprocess.call([str(PYTHON), "-m", "gateway", "demo", *rest])
+        return run([str(PYTHON), "-m", "gateway", "demo", *rest])
     ensure_debian_tools()
     if what == "bench":
-        return subprocess.call([str(PYTHON), str(ROOT / "bench" / "run_all.py"), *rest])
-    code = subprocess.call([str(PYTHON), "-m", "pytest", *rest], cwd=ROOT)
+        return run([str(PYTHON), str(ROOT / "bench" / "run_all.py"), *rest])
+    code = run([str(PYTHON), "-m", "pytest", *rest], cwd=ROOT)
     if code == 5:
         print("dev.py: no test ran; that is a failure", file=sys.stderr)
         return 1
