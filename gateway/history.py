@@ -13,10 +13,9 @@ from datetime import datetime, timezone
 
 from aiokafka import TopicPartition
 
-from .commands import CommandError, parse_command
 from .config import KafkaConfig
 from .ranges import RangeSet
-from .topics import log_reader, read_to_end
+from .topics import command_in, log_reader, read_to_end
 
 log = logging.getLogger("gateway.history")
 
@@ -48,11 +47,8 @@ async def replay(kafka: KafkaConfig, *, offset: int | None = None, until: dateti
                 done = True
                 return
             result.next_offset = record.offset + 1
-            try:
-                command = parse_command(record.value if record.value is not None else b"")
-            except CommandError as exc:
-                result.poison += 1
-                log.warning("replay: skipping poison command at offset %d: %s", record.offset, exc)
+            command = command_in(record, result, log)
+            if command is None:
                 continue
             result.view.apply(command)
             result.commands += 1

@@ -33,7 +33,7 @@ from .commands import Command, CommandError, parse_command
 from .config import KafkaConfig
 from .publisher import BatchWriter
 from .ranges import RangeSet, Record
-from .topics import ensure_topics, header, log_reader, partitions_of, read_to_end
+from .topics import command_in, ensure_topics, header, log_reader, partitions_of, read_to_end
 from .view import ViewLoader
 
 log = logging.getLogger("gateway.materializer")
@@ -263,11 +263,8 @@ class Materializer(ConsumerRebalanceListener):
             if record.offset < self.next_offset:  # fetched before a seek: already folded
                 continue
             self.next_offset = record.offset + 1
-            try:
-                command = parse_command(record.value if record.value is not None else b"")
-            except CommandError as exc:
-                self.poison += 1
-                log.warning("materializer: skipping poison command at offset %d: %s", record.offset, exc)
+            command = command_in(record, self, log)
+            if command is None:
                 continue
             changes = view.apply(command)
             self.applied += 1

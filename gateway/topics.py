@@ -7,12 +7,15 @@ Ranges (the view): log-compacted, one partition, so a command's records stay in 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from .commands import Command, CommandError, parse_command
 from .config import KafkaConfig
 
 TOPIC_ALREADY_EXISTS = 36
@@ -121,6 +124,23 @@ async def read_to_end(
             handle(tp, records)
         if reached and not batch:
             return ends
+
+
+class PoisonCounter(Protocol):
+    """A reader that counts the records it had to skip."""
+
+    poison: int
+
+
+def command_in(record: ConsumerRecord, counter: PoisonCounter, log: logging.Logger) -> Command | None:
+    """The command a command-topic record carries; a poison record is counted, logged with
+    its offset and skipped (None): it never stops the reader."""
+    try:
+        return parse_command(record.value if record.value is not None else b"")
+    except CommandError as exc:
+        counter.poison += 1
+        log.warning("skipping poison command at offset %d: %s", record.offset, exc)
+        return None
 
 
 def header(headers: Iterable[tuple[str, bytes]], name: str) -> bytes | None:

@@ -7,17 +7,13 @@ Poison view records (no key, not UTF-8, not a range) are skipped, counted on the
 from __future__ import annotations
 
 import logging
-from typing import Protocol
 
 from aiokafka.structs import ConsumerRecord
 
 from .ranges import Change, RangeSet
+from .topics import PoisonCounter
 
 log = logging.getLogger("gateway.view")
-
-
-class PoisonCounter(Protocol):
-    poison: int
 
 
 def store_view_record(view: RangeSet, record: ConsumerRecord, counter: PoisonCounter) -> Change | None:
