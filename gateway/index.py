@@ -45,6 +45,8 @@ class Index:
                 for network, length in range_to_cidrs(start, end, bits):
                     trie.insert(packed(version, network), length, 1)
             last_end[version] = max(last_end[version], end)
+        for trie in (index._v4, index._v6):
+            _relayout(trie)
         return index
 
     def blocks(self, ip: str) -> bool:
@@ -88,6 +90,20 @@ class Index:
         if not isinstance(other, Index):
             return NotImplemented
         return all(self.prefixes(v) == other.prefixes(v) for v in (4, 6))
+
+
+def _relayout(trie: pytricia.PyTricia) -> None:
+    """Lay the trie's nodes out in depth-first order, so a lookup walks nearby memory.
+
+    A built trie's nodes sit in insertion order, scattered through a heap the bootstrap
+    fragmented; at 1M ranges each lookup then misses the cache at most of its ~20 levels.
+    pytricia's freeze() copies the nodes into one array in depth-first order and thaw()
+    allocates them again one by one in that order, which keeps the trie mutable and makes
+    lookups about a quarter faster (bench/lookup.py). It costs ~0.2 s at 1M ranges, once,
+    before the index is swapped in.
+    """
+    trie.freeze()
+    trie.thaw()
 
 
 def _prefixes(version: int, start: int, end: int) -> list[str]:
