@@ -53,7 +53,7 @@ class Index:
         """Whether a client address (canonical text, as from a socket) is blacklisted."""
         if ":" not in ip:
             return ip in self._v4
-        if ip.startswith(_MAPPED_PREFIX) and "." in ip:
+        if "." in ip and ip.startswith(_MAPPED_PREFIX):  # the cheap test first: most IPv6 has no dot
             return ip[7:] in self._v4
         return ip in self._v6
 
