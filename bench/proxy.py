@@ -24,13 +24,14 @@ import platform
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from gateway.broker import stop_pid
 
 HERE = Path(__file__).resolve().parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -203,16 +204,6 @@ def start_nginx(workdir: Path, name: str, config: str) -> subprocess.Popen:
     return subprocess.Popen(["nginx", "-p", str(workdir), "-c", str(path)], stderr=subprocess.DEVNULL)
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 # -- wrk --------------------------------------------------------------------------------------
 
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
@@ -302,7 +293,7 @@ def main() -> None:
             print(f"  measured {name}", file=sys.stderr)
     finally:
         for process in reversed(processes):
-            stop(process)
+            stop_pid(process, timeout=10)
         if broker is not None:
             broker.stop()
         shutil.rmtree(workdir, ignore_errors=True)

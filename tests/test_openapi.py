@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import CHECKS, not_a_server_error
 
+from gateway.broker import stop_pid
 from gateway.openapi import document
 
 TOKEN = "openapi-test-token"
@@ -63,12 +63,7 @@ def live_gateway(kafka_bootstrap, tmp_path_factory) -> Iterator[str]:
         yield url
     finally:
         for process, log in processes:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_pid(process, timeout=20)
             log.close()
 
 

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway.broker import stop_pid
 from gateway.config import KafkaConfig
 from gateway.publisher import Publisher
 
@@ -58,13 +59,7 @@ def process(args: list[str], tmp_path: Path, name: str):
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_pid(proc, timeout=15)
         log.seek(0)
         sys.stderr.write(f"--- {name} log ---\n{log.read()[-3000:]}")
         log.close()

@@ -18,7 +18,7 @@ import pytest
 
 from gateway import snapshot
 from gateway.bidder import bound_port, start_bidder
-from gateway.broker import start_broker
+from gateway.broker import start_broker, stop_pid
 from gateway.config import KafkaConfig
 from gateway.follower import Follower
 from gateway.materializer import Materializer
@@ -174,12 +174,7 @@ async def restart_from(snapshot_path, kafka: KafkaConfig, broker, tmp_path, *, f
         assert (await get(admin_url + "/readyz"))[0] == 200
     finally:
         os.kill(broker.pid, signal.SIGCONT)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_pid(proc, timeout=20)
         await bidder.cleanup()
         log.seek(0)
         sys.stderr.write(f"--- gateway serve log ---\n{log.read()[-4000:]}")
