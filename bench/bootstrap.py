@@ -30,11 +30,11 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from gateway.addresses import format_address
+from gateway.blacklist.addresses import format_address
 from gateway.broker import start_broker
-from gateway.config import KafkaConfig
-from gateway.publisher import BatchWriter
-from gateway.topics import ensure_topics
+from gateway.kafka.config import KafkaConfig
+from gateway.kafka.publisher import BatchWriter
+from gateway.kafka.topics import ensure_topics
 
 
 def rss_bytes() -> int:
@@ -67,7 +67,7 @@ async def write_view(kafka: KafkaConfig, n: int) -> None:
 
 async def child(bootstrap: str, commands_topic: str, ranges_topic: str) -> None:
     """In a fresh process: bootstrap one follower, print seconds to ready and RSS growth as JSON."""
-    from gateway.follower import Follower
+    from gateway.kafka.follower import Follower
 
     before = rss_bytes()
     follower = Follower(KafkaConfig(bootstrap, commands_topic, ranges_topic), create_topics=False)

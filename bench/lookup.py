@@ -23,10 +23,10 @@ import random
 import time
 from pathlib import Path
 
-from gateway.addresses import format_address
-from gateway.commands import BLACKLIST, WHITELIST, Command
-from gateway.index import Index
-from gateway.ranges import RangeSet
+from gateway.blacklist.addresses import format_address
+from gateway.blacklist.commands import BLACKLIST, WHITELIST, Command
+from gateway.blacklist.index import Index
+from gateway.blacklist.ranges import RangeSet
 
 PROBES = 200_000
 

@@ -32,12 +32,12 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from gateway.blacklist.commands import Command
 from gateway.broker import start_broker
-from gateway.commands import Command
-from gateway.config import KafkaConfig
-from gateway.materializer import Materializer
-from gateway.publisher import Publisher, import_file
-from gateway.topics import ensure_topics
+from gateway.kafka.config import KafkaConfig
+from gateway.kafka.materializer import Materializer
+from gateway.kafka.publisher import Publisher, import_file
+from gateway.kafka.topics import ensure_topics
 
 
 def random_command(rng: random.Random) -> Command:

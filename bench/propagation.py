@@ -29,16 +29,16 @@ import uuid
 from pathlib import Path
 
 from gateway.broker import start_broker
-from gateway.config import KafkaConfig
-from gateway.publisher import Publisher
-from gateway.topics import ensure_topics
+from gateway.kafka.config import KafkaConfig
+from gateway.kafka.publisher import Publisher
+from gateway.kafka.topics import ensure_topics
 
 FOLLOWERS = 3
 
 
 async def follower_child(bootstrap: str, commands_topic: str, ranges_topic: str, n: int) -> None:
     """In a fresh process: follow, say `ready`, then print the first n propagation samples as JSON."""
-    from gateway.follower import Follower
+    from gateway.kafka.follower import Follower
 
     follower = Follower(KafkaConfig(bootstrap, commands_topic, ranges_topic), create_topics=False)
     task = asyncio.create_task(follower.run())

@@ -59,9 +59,9 @@ def dotted(value: int) -> str:
 # -- roles run in child processes -----------------------------------------------------------
 
 async def publish_blacklist(kafka: str, ranges: list[tuple[int, int]]) -> None:
-    from gateway.commands import Command, parse_network
-    from gateway.config import KafkaConfig
-    from gateway.publisher import Publisher
+    from gateway.blacklist.commands import Command, parse_network
+    from gateway.kafka.config import KafkaConfig
+    from gateway.kafka.publisher import Publisher
 
     commands = []
     for start, end in ranges:
@@ -94,9 +94,10 @@ def wait_view(admin_port: int, token: str, count: int, timeout: float = 180.0) -
 def role_gateway(port: int, upstream: str, count: int) -> None:
     import uvloop
 
-    from gateway.config import KafkaConfig, ServeConfig
-    from gateway.index import Index
-    from gateway.proxy import Proxy
+    from gateway.blacklist.index import Index
+    from gateway.http.config import ServeConfig
+    from gateway.http.proxy import Proxy
+    from gateway.kafka.config import KafkaConfig
 
     class View:
         ready = True
@@ -120,7 +121,7 @@ def role_aiohttp(port: int, upstream: str, count: int) -> None:
     import uvloop
     from aiohttp import ClientSession, web
 
-    from gateway.index import Index
+    from gateway.blacklist.index import Index
 
     index = Index.build((4, s, e) for s, e in blacklist(count))
 

@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvloop
 
-    from .config import parse_hostport
-    from .logs import setup_logging
+    from .control.logs import setup_logging
+    from .kafka.config import parse_hostport
 
     parser = argparse.ArgumentParser(prog="gateway.bidder", description=__doc__)
     parser.add_argument("--listen", default="127.0.0.1:9000", type=parse_hostport, metavar="HOST:PORT")

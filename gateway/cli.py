@@ -9,7 +9,13 @@ from typing import Any
 
 import click
 
-from .config import DEFAULT_COMMANDS_TOPIC, DEFAULT_RANGES_TOPIC, KafkaConfig, ServeConfig, parse_hostport
+from .http.config import ServeConfig
+from .kafka.config import (
+    DEFAULT_COMMANDS_TOPIC,
+    DEFAULT_RANGES_TOPIC,
+    KafkaConfig,
+    parse_hostport,
+)
 
 
 def option(*names: str, **kwargs: Any) -> Callable:
@@ -94,7 +100,7 @@ def serve(kafka: KafkaConfig, upstreams: tuple[str, ...], trusted_proxies: tuple
         help="How long a silent active writer keeps the command partition before a standby takes over.")
 def materialize(kafka: KafkaConfig, admin_listen: tuple[str, int] | None, session_timeout_ms: int) -> None:
     """Fold the command topic into the compacted view topic (one active writer, others stand by)."""
-    from .materializer import materialize as run
+    from .kafka.materializer import materialize as run
 
     run_async(run(kafka, session_timeout_ms=session_timeout_ms, admin_listen=admin_listen))
 
@@ -122,8 +128,8 @@ def edit_command(action: str) -> click.Command:
     @option("--actor", default=None, help="Who (stored in the record's headers).")
     @click.pass_obj
     def edit(kafka: KafkaConfig, cidr: str, reason: str | None, actor: str | None) -> None:
-        from .commands import Command, CommandError, parse_network
-        from .publisher import publish
+        from .blacklist.commands import Command, CommandError, parse_network
+        from .kafka.publisher import publish
 
         try:
             command = Command(action, parse_network(cidr))  # type: ignore[arg-type]
@@ -148,7 +154,7 @@ ctl.command("whitelist")(edit_command("WHITELIST"))
 @click.pass_obj
 def import_(kafka: KafkaConfig, file: str, as_whitelist: bool, reason: str | None, actor: str | None) -> None:
     """Publish every CIDR of FILE (one per line, # comments; FireHOL .netset), all or nothing."""
-    from .publisher import ImportFileError, import_file
+    from .kafka.publisher import ImportFileError, import_file
 
     try:
         result = run_async(import_file(kafka, file, action="WHITELIST" if as_whitelist else "BLACKLIST",
@@ -169,8 +175,8 @@ def import_(kafka: KafkaConfig, file: str, as_whitelist: bool, reason: str | Non
 @click.pass_obj
 def replay(kafka: KafkaConfig, until: Any, offset: int | None) -> None:
     """Print the ranges as they were at a past time or offset (the time machine)."""
-    from .addresses import format_address
-    from .history import replay as fold_history
+    from .blacklist.addresses import format_address
+    from .kafka.history import replay as fold_history
 
     if until is None and offset is None:
         raise click.UsageError("give --until TIME or --offset N")

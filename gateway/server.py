@@ -4,7 +4,7 @@ Each worker binds the listen address itself with SO_REUSEPORT (the kernel spread
 connections), runs uvloop, its own follower of the view and the proxy. The supervisor
 binds the same address first without listening: that fails early when the address is
 taken, fixes the port when 0 is asked, and never receives a connection. It runs the admin
-listener with its own follower (gateway/admin.py), gathers the workers' metrics, restarts
+listener with its own follower (gateway/control/admin.py), gathers the workers' metrics, restarts
 a worker that dies, and on SIGTERM or SIGINT tells every worker to drain: stop accepting,
 close idle keep-alive connections, answer what is in flight (with `Connection: close`),
 then exit.
@@ -23,17 +23,17 @@ from multiprocessing.process import BaseProcess
 
 import uvloop
 
-from .admin import make_admin_app, start_admin
-from .config import ServeConfig
-from .follower import Follower
-from .logs import setup_logging
-from .metrics import Flusher, Metrics, multiprocess_dir, worker_exited
-from .progress import WorkerProgress
-from .proxy import Proxy, Stats
-from .publisher import LazyPublisher
-from .ranges import RangeSet
-from .snapshot import keep_writing
-from .snapshot import load as load_snapshot
+from .blacklist.ranges import RangeSet
+from .control.admin import make_admin_app, start_admin
+from .control.logs import setup_logging
+from .control.metrics import Flusher, Metrics, multiprocess_dir, worker_exited
+from .control.progress import WorkerProgress
+from .http.config import ServeConfig
+from .http.proxy import Proxy, Stats
+from .kafka.follower import Follower
+from .kafka.publisher import LazyPublisher
+from .kafka.snapshot import keep_writing
+from .kafka.snapshot import load as load_snapshot
 
 log = logging.getLogger(__name__)
 

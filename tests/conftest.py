@@ -64,7 +64,7 @@ def unique_topic(request: pytest.FixtureRequest):
 @pytest.fixture
 def kafka(kafka_bootstrap: str, topic_names: TopicNames):
     """A KafkaConfig on this test's own topics."""
-    from gateway.config import KafkaConfig
+    from gateway.kafka.config import KafkaConfig
 
     return KafkaConfig(kafka_bootstrap, topic_names.commands, topic_names.ranges)
 
@@ -74,7 +74,7 @@ def read_topic(kafka_bootstrap: str):
     """`await read_topic(topic)`: every record of partition 0 up to its end, via the drain rule."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from gateway.topics import read_to_end
+    from gateway.kafka.topics import read_to_end
 
     async def read(topic: str) -> list:
         consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20)
@@ -95,7 +95,7 @@ def read_topic(kafka_bootstrap: str):
 @pytest.fixture
 def read_view(read_topic):
     """`await read_view(kafka)`: the view topic folded as a follower folds it (last value per key wins)."""
-    from gateway.ranges import RangeSet
+    from gateway.blacklist.ranges import RangeSet
 
     async def read(kafka) -> "RangeSet":
         view = RangeSet()

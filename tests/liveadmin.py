@@ -10,12 +10,13 @@ from dataclasses import dataclass
 import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from gateway.admin import make_admin_app, start_admin
-from gateway.config import KafkaConfig, ServeConfig
-from gateway.follower import Follower
-from gateway.materializer import Materializer
-from gateway.metrics import Flusher, Metrics
-from gateway.publisher import LazyPublisher
+from gateway.control.admin import make_admin_app, start_admin
+from gateway.control.metrics import Flusher, Metrics
+from gateway.http.config import ServeConfig
+from gateway.kafka.config import KafkaConfig
+from gateway.kafka.follower import Follower
+from gateway.kafka.materializer import Materializer
+from gateway.kafka.publisher import LazyPublisher
 
 TOKEN = "test-token-1234"
 

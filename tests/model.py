@@ -6,9 +6,9 @@ import ipaddress
 
 from hypothesis import strategies as st
 
-from gateway.addresses import format_address
-from gateway.commands import BLACKLIST, WHITELIST, Command
-from gateway.ranges import RangeSet
+from gateway.blacklist.addresses import format_address
+from gateway.blacklist.commands import BLACKLIST, WHITELIST, Command
+from gateway.blacklist.ranges import RangeSet
 
 
 def reference(commands: list[Command]) -> dict[int, set[int]]:

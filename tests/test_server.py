@@ -17,8 +17,8 @@ import pytest
 from aiohttp import web
 
 from gateway.broker import stop_pid
-from gateway.config import KafkaConfig
-from gateway.publisher import Publisher
+from gateway.kafka.config import KafkaConfig
+from gateway.kafka.publisher import Publisher
 
 
 def free_port() -> int:

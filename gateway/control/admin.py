@@ -1,0 +1,409 @@
+"""The admin listener (--admin-listen): the blacklist's query and command API, health and metrics.
+
+It runs in the supervisor process of `gateway serve`, with its own follower, away from the
+request path: listing a million ranges or replaying the command log never delays a bid.
+Queries (/admin/ranges, /admin/lookup, /admin/status) read that follower's view; commands
+go to the command topic and return their offset (CQRS). `?wait=1` answers once the command
+is applied here and, through `progress.WorkerProgress`, in every worker: read-your-writes for the
+proxy too. /healthz, /readyz and /metrics need no token; every /admin/* route does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+
+from ..blacklist.addresses import BITS, format_address, parse_address
+from ..blacklist.cidrs import range_to_cidrs
+from ..blacklist.commands import CommandError, parse_command
+from ..http.config import ServeConfig
+from ..http.proxy import ACCESS
+from ..kafka.history import replay
+from . import openapi
+from .metrics import METRICS_REGISTRY, handle_metrics, healthz, view_state
+from .progress import WorkerProgress
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 << 10
+DEFAULT_WAIT_S = 10.0
+MAX_WAIT_S = 60.0
+CHUNK = 4096  # ranges formatted per write of a streamed listing
+PUBLISH_TIMEOUT_S = 10.0
+
+FOLLOWER = web.AppKey("follower", object)
+PUBLISHER = web.AppKey("publisher", object)
+CONFIG = web.AppKey("config", ServeConfig)
+PROGRESS = web.AppKey("progress", object)
+BASELINE = web.AppKey("baseline", float)
+
+
+# -- errors and auth -------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An answer with an error status: {"error": message, ...fields} as JSON."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **fields: Any) -> None:
+        super().__init__(message)
+        self.status, self.headers, self.body = status, headers, {"error": message, **fields}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body, status=self.status, headers=self.headers)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """Every error is JSON with a message a person can act on, including aiohttp's own 404/405/413."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = {
+            404: f"no such route: {request.method} {request.path} (see /admin/openapi.json)",
+            405: f"{request.method} is not allowed on {request.path}",
+            413: f"request body too large (at most {MAX_BODY_BYTES} bytes)",
+        }.get(exc.status, exc.reason)
+        kept = {name: exc.headers[name] for name in ("Allow",) if name in exc.headers}  # 405 must say what is
+        return web.json_response({"error": message}, status=exc.status, headers=kept)
+    except Exception:
+        log.exception("admin: %s %s failed", request.method, request.path)
+        return web.json_response({"error": "internal error; the gateway log has the details"}, status=500)
+
+
+def bearer_auth(token: str | None):
+    """Require `Authorization: Bearer <token>` on /admin/*: 401 when absent or malformed, 403 when wrong."""
+    expected = token.encode() if token else None
+    challenge = {"WWW-Authenticate": 'Bearer realm="gateway-admin"'}
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        if not request.path.startswith("/admin/"):
+            return await handler(request)
+        if expected is None:
+            raise ApiError(403, "the admin API is disabled: start the gateway with --admin-token (or GATEWAY_ADMIN_TOKEN)")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <admin token>'", headers=challenge)
+        if not hmac.compare_digest(given.strip().encode(), expected):
+            raise ApiError(403, "wrong admin token")
+        return await handler(request)
+
+    return middleware
+
+
+QUERY_PARAMETERS = {
+    "/admin/ranges": {"family", "format"},
+    "/admin/lookup": {"ip"},
+    "/admin/commands": {"wait", "timeout"},
+    "/admin/history": {"at", "family", "format"},
+}
+
+
+@web.middleware
+async def known_query_parameters(request: web.Request, handler):
+    """Refuse query parameters a route does not take: a typo (?famly=4) must not silently list everything."""
+    allowed = QUERY_PARAMETERS.get(request.path, set())
+    unknown = sorted(set(request.query) - allowed)
+    if unknown and request.path.startswith("/admin/"):
+        takes = ", ".join(sorted(allowed)) or "none"
+        raise ApiError(400, f"unknown query parameter(s) {', '.join(unknown)} for {request.path} (it takes: {takes})")
+    return await handler(request)
+
+
+# -- handlers: health --------------------------------------------------------------------------
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 once the view is bootstrapped here and in every worker; 503 until then."""
+    follower, progress = request.app[FOLLOWER], request.app.get(PROGRESS)
+    if not follower.ready.is_set():
+        return web.json_response({"ready": False, "error": "bootstrapping the view from the ranges topic"}, status=503)
+    if progress is not None and not progress.ready():
+        return web.json_response({"ready": False, "error": "a worker is still bootstrapping its view"}, status=503)
+    return web.json_response({"ready": True})
+
+
+# -- handlers: queries -------------------------------------------------------------------------
+
+
+def _family(request: web.Request) -> int | None:
+    family = request.query.get("family")
+    if family is None:
+        return None
+    if family not in ("4", "6"):
+        raise ApiError(400, f"family must be 4 or 6, got {family!r}")
+    return int(family)
+
+
+def _format(request: web.Request) -> str:
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "cidr"):
+        raise ApiError(400, f"format must be json or cidr, got {fmt!r}")
+    return fmt
+
+
+def _follow_ranges(follower: Any, family: int | None) -> Iterator[tuple[int, int, int] | None]:
+    """The follower's ranges in order; yields None where the caller may pause (it then resumes safely).
+
+    The view changes while a long listing is written; after a pause during which the follower
+    applied records, iteration restarts past the last range yielded, so every range listed was
+    in the view when it was read.
+    """
+    last: tuple[int, int] | None = None
+    while True:
+        view, applied = follower.view, follower.records_applied
+        count = 0
+        for version, start, end in view.ranges(family):
+            if last is not None and (version, start) <= last:
+                continue
+            yield version, start, end
+            last = (version, start)
+            count += 1
+            if count % CHUNK == 0:
+                yield None
+                if follower.view is not view or follower.records_applied != applied:
+                    break
+        else:
+            return
+
+
+async def _stream_ranges(
+    request: web.Request, ranges: Iterator[tuple[int, int, int] | None], fmt: str, extra: dict[str, Any]
+) -> web.StreamResponse:
+    """Write ranges as JSON ({"ranges": [...], "count": N, ...extra}) or CIDR lines, a chunk at a time."""
+    response = web.StreamResponse(
+        headers={"Content-Type": "application/json" if fmt == "json" else "text/plain; charset=utf-8"}
+    )
+    response.enable_compression()  # only when the client accepts it
+    await response.prepare(request)
+    text = format_address
+    parts: list[str] = ['{"ranges":['] if fmt == "json" else []
+    count = 0
+    for item in ranges:
+        if item is None:
+            await response.write("".join(parts).encode())
+            parts.clear()
+            continue
+        version, start, end = item
+        if fmt == "json":
+            parts.append(f'{"," if count else ""}{{"start":"{text(version, start)}","end":"{text(version, end)}"}}')
+        else:
+            parts.extend(f"{text(version, net)}/{length}\n" for net, length in range_to_cidrs(start, end, BITS[version]))
+        count += 1
+    if fmt == "json":
+        tail = "".join(f",{json.dumps(k)}:{json.dumps(v)}" for k, v in extra.items())
+        parts.append(f'],"count":{count}{tail}}}')
+    await response.write("".join(parts).encode())
+    await response.write_eof()
+    return response
+
+
+async def ranges(request: web.Request) -> web.StreamResponse:
+    """The blacklisted ranges of this gateway's view, streamed."""
+    family, fmt = _family(request), _format(request)
+    return await _stream_ranges(request, _follow_ranges(request.app[FOLLOWER], family), fmt, {})
+
+
+async def lookup(request: web.Request) -> web.Response:
+    """Whether an address is blocked here, and the range that blocks it."""
+    text = request.query.get("ip")
+    if not text:
+        raise ApiError(400, "missing query parameter ip, e.g. /admin/lookup?ip=10.0.0.5")
+    try:
+        if "%" in text:
+            raise ValueError("scoped address")
+        version, value = parse_address(text.strip())
+    except ValueError:
+        raise ApiError(400, f"ip must be an IPv4 or IPv6 address, got {text!r}") from None
+    if version == 6 and (mapped := ipaddress.IPv6Address(value).ipv4_mapped) is not None:
+        version, value = 4, int(mapped)  # looked up as IPv4, like the request path does
+    found = request.app[FOLLOWER].view.find(version, value)
+    return web.json_response({
+        "ip": format_address(version, value),
+        "blocked": found is not None,
+        "range": None if found is None else {"start": format_address(version, found[0]),
+                                             "end": format_address(version, found[1])},
+    })
+
+
+async def status(request: web.Request) -> web.Response:
+    """Readiness, offsets, lag, staleness and counts of this gateway (and its workers' progress)."""
+    state = view_state(request.app[FOLLOWER], request.app[BASELINE])
+    progress = request.app.get(PROGRESS)
+    body = {
+        "ready": state.ready,
+        "ranges": {str(f): n for f, n in state.ranges.items()},
+        "addresses": {str(f): n for f, n in state.addresses.items()},
+        "applied_offsets": {str(p): o for p, o in state.offsets.items()},
+        "end_offsets": {str(p): o for p, o in state.end_offsets.items()},
+        "lag": state.lag,
+        "age_seconds": round(state.age_seconds, 3),
+        "seconds_since_contact": None if state.since_contact is None else round(state.since_contact, 3),
+        "applied_command": state.applied_command,
+        "poison_records": state.poison,
+        "commands_topic": request.app[CONFIG].kafka.commands_topic,
+        "ranges_topic": request.app[CONFIG].kafka.ranges_topic,
+    }
+    if progress is not None:
+        body["workers"] = [{"worker": i, "ready": s > WorkerProgress.NOT_READY, "applied_command": max(s, -1)}
+                           for i, s in enumerate(progress.slots)]
+    return web.json_response(body)
+
+
+def _parse_at(text: str | None) -> tuple[int | None, datetime | None]:
+    if not text:
+        raise ApiError(400, "missing query parameter at: an ISO 8601 time (2024-05-01T12:00:00Z) or a command offset")
+    if text.isascii() and text.isdigit():
+        return int(text), None
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ApiError(400, f"at must be an ISO 8601 time (2024-05-01T12:00:00Z) or a command offset, got {text!r}") from None
+    return None, when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+async def history(request: web.Request) -> web.StreamResponse:
+    """The time machine: the ranges after the commands up to an offset (inclusive) or a time, folded."""
+    offset, until = _parse_at(request.query.get("at"))
+    family, fmt = _family(request), _format(request)
+    try:
+        result = await replay(request.app[CONFIG].kafka, offset=None if offset is None else offset + 1, until=until)
+    except Exception as exc:  # noqa: BLE001 - the broker's trouble, told to the caller
+        raise ApiError(503, f"cannot read the command topic: {exc!r}") from None
+    extra = {"at": request.query["at"], "commands": result.commands, "next_offset": result.next_offset,
+             "poison_records": result.poison}
+    listing = (item for item in result.view.ranges(family))
+    return await _stream_ranges(request, listing, fmt, extra)
+
+
+# -- handlers: commands ------------------------------------------------------------------------
+
+
+async def commands(request: web.Request) -> web.Response:
+    """Publish one command to the command topic: 202 {"offset": N}; with ?wait=1, once applied here."""
+    wait = request.query.get("wait", "0")
+    if wait not in ("0", "1", "true", "false"):
+        raise ApiError(400, f"wait must be 1 or 0, got {wait!r}")
+    timeout = _timeout(request)
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, 'body must be JSON: {"command": "BLACKLIST 10.0.0.0/24", "reason": "..."}') from None
+    if not isinstance(body, dict):
+        raise ApiError(400, 'body must be a JSON object: {"command": "BLACKLIST 10.0.0.0/24"}')
+    unknown = sorted(set(body) - {"command", "reason"})
+    if unknown:
+        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}: only command and reason are accepted")
+    text, reason = body.get("command"), body.get("reason")
+    if not isinstance(text, str):
+        raise ApiError(400, 'command must be a string such as "BLACKLIST 10.0.0.0/24" or "WHITELIST 2001:db8::/32"')
+    if "reason" in body and (not isinstance(reason, str) or len(reason) > 1024):
+        raise ApiError(400, "reason must be a string of at most 1024 characters")
+    try:
+        command = parse_command(text)
+    except CommandError as exc:
+        raise ApiError(400, str(exc)) from None
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    try:
+        offset = await asyncio.wait_for(
+            request.app[PUBLISHER].publish(command, actor="admin-api", reason=reason, request_id=request_id),
+            PUBLISH_TIMEOUT_S,
+        )
+    except Exception as exc:  # noqa: BLE001 - broker trouble: say so, nothing was accepted
+        log.warning("admin: publishing %s failed: %r", command, exc)
+        raise ApiError(503, f"the broker did not accept the command (not published, safe to retry): {exc!r}") from None
+    log.info("admin: published %s", command, extra={"offset": offset, "request_id": request_id, "reason": reason})
+    answer = {"offset": offset, "command": str(command)}
+    if wait in ("1", "true"):
+        if not await _wait_applied(request.app, offset, timeout):
+            raise ApiError(504, f"published at offset {offset} but not applied here within {timeout:g} s; "
+                             "is the materializer running? (see /admin/status)", offset=offset)
+        answer["applied"] = True
+    return web.json_response(answer, status=202)
+
+
+def _timeout(request: web.Request) -> float:
+    text = request.query.get("timeout")
+    if text is None:
+        return DEFAULT_WAIT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= MAX_WAIT_S:
+        raise ApiError(400, f"timeout must be a number of seconds in (0, {MAX_WAIT_S:g}], got {text!r}")
+    return value
+
+
+async def _wait_applied(app: web.Application, offset: int, timeout: float) -> bool:
+    """Until this gateway's follower, and every worker, has applied the command at `offset`."""
+    deadline = time.monotonic() + timeout
+    if not await app[FOLLOWER].wait_applied(offset, timeout):
+        return False
+    progress = app.get(PROGRESS)
+    while progress is not None and progress.applied() < offset:
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.002)
+    return True
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document())
+
+
+# -- the app -----------------------------------------------------------------------------------
+
+
+def make_admin_app(
+    config: ServeConfig,
+    follower: Any,
+    publisher: Any,
+    *,
+    progress: WorkerProgress | None = None,
+    registry: Any = None,
+    baseline: float | None = None,
+) -> web.Application:
+    """The admin web app. `follower`: a gateway.follower.Follower (its task running); `publisher`: a
+    started gateway.publisher.Publisher; `progress`: the workers' shared progress (None: no workers
+    to wait for); `registry`: the metrics registry to serve when not in multiprocess mode;
+    `baseline`: wall time the view was last known current at start (its snapshot's time, else now)."""
+    app = web.Application(middlewares=[json_errors, bearer_auth(config.admin_token), known_query_parameters], client_max_size=MAX_BODY_BYTES)
+    app[CONFIG], app[FOLLOWER], app[PUBLISHER] = config, follower, publisher
+    app[BASELINE] = time.time() if baseline is None else baseline
+    if progress is not None:
+        app[PROGRESS] = progress
+    if registry is not None:
+        app[METRICS_REGISTRY] = registry
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/readyz", readyz, allow_head=False)
+    app.router.add_get("/metrics", handle_metrics, allow_head=False)
+    app.router.add_get("/admin/openapi.json", openapi_document, allow_head=False)
+    app.router.add_get("/admin/ranges", ranges, allow_head=False)
+    app.router.add_get("/admin/lookup", lookup, allow_head=False)
+    app.router.add_post("/admin/commands", commands)
+    app.router.add_get("/admin/status", status, allow_head=False)
+    app.router.add_get("/admin/history", history, allow_head=False)
+    return app
+
+
+async def start_admin(app: web.Application, host: str, port: int, *, access_log: bool = False) -> web.AppRunner:
+    """Listen on host:port; stop with `await runner.cleanup()`."""
+    runner = web.AppRunner(app, access_log=ACCESS if access_log else None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

@@ -1,0 +1,254 @@
+"""The OpenAPI 3.0 document of the admin API, served at /admin/openapi.json.
+
+Kept true by tests/control/test_openapi.py, which runs schemathesis against a live gateway: every
+documented route, parameter and answer is exercised, and an undocumented status fails it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+_ERROR = {"$ref": "#/components/responses/Error"}
+_AUTH_ERRORS = {
+    "401": {"$ref": "#/components/responses/Unauthorized"},
+    "403": {"$ref": "#/components/responses/Forbidden"},
+}
+_RANGE = {
+    "type": "object",
+    "required": ["start", "end"],
+    "properties": {"start": {"type": "string", "example": "10.0.0.0"}, "end": {"type": "string", "example": "10.0.0.99"}},
+    "additionalProperties": False,
+}
+_FAMILY = {"name": "family", "in": "query", "required": False, "description": "Only IPv4 (4) or IPv6 (6) ranges.",
+           "schema": {"type": "string", "enum": ["4", "6"]}}
+_FORMAT = {"name": "format", "in": "query", "required": False,
+           "description": "json (default) or cidr: text/plain, one CIDR per line, ranges split into prefixes.",
+           "schema": {"type": "string", "enum": ["json", "cidr"]}}
+_LISTING = {
+    "200": {
+        "description": "The ranges, in address order (IPv4 first); streamed.",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/Ranges"}},
+            "text/plain": {"schema": {"type": "string", "example": "10.0.0.0/25\n10.0.0.128/27\n"}},
+        },
+    },
+    "400": _ERROR,
+    **_AUTH_ERRORS,
+}
+
+_DOCUMENT: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {
+        "title": "gateway admin API",
+        "version": "1",
+        "description": (
+            "The blacklist of one gateway: queries read its view, commands go to the command topic "
+            "(CQRS). Every /admin/* route needs `Authorization: Bearer <token>` (401 without, 403 wrong). "
+            "Errors are JSON: {\"error\": \"what is wrong and what to do\"}."
+        ),
+    },
+    "security": [{"bearer": []}],
+    "paths": {
+        "/admin/ranges": {"get": {
+            "summary": "The blacklisted ranges of this gateway's view",
+            "operationId": "listRanges",
+            "parameters": [_FAMILY, _FORMAT],
+            "responses": _LISTING,
+        }},
+        "/admin/lookup": {"get": {
+            "summary": "Whether an address is blocked here, and the range that blocks it",
+            "operationId": "lookup",
+            "parameters": [{"name": "ip", "in": "query", "required": True, "description": "IPv4 or IPv6 address; "
+                            "IPv4-mapped IPv6 is looked up as IPv4.", "schema": {"anyOf": [
+                                {"type": "string", "format": "ipv4"}, {"type": "string", "format": "ipv6"}],
+                                "example": "10.0.0.5"}}],
+            "responses": {
+                "200": {"description": "The verdict.", "content": {"application/json": {"schema": {
+                    "type": "object",
+                    "required": ["ip", "blocked", "range"],
+                    "properties": {
+                        "ip": {"type": "string"},
+                        "blocked": {"type": "boolean"},
+                        "range": {**_RANGE, "nullable": True},
+                    },
+                }}}},
+                "400": _ERROR,
+                **_AUTH_ERRORS,
+            },
+        }},
+        "/admin/commands": {"post": {
+            "summary": "Publish a BLACKLIST or WHITELIST command to the command topic",
+            "operationId": "publishCommand",
+            "parameters": [
+                {"name": "wait", "in": "query", "required": False,
+                 "description": "1: answer once this gateway (and each of its workers) has applied the command.",
+                 "schema": {"type": "string", "enum": ["0", "1", "true", "false"]}},
+                {"name": "timeout", "in": "query", "required": False,
+                 "description": "Seconds to wait with wait=1 (default 10, at most 60).",
+                 "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 60}},
+                {"name": "X-Request-Id", "in": "header", "required": False,
+                 "description": "Carried to the command record's request-id header.", "schema": {"type": "string"}},
+            ],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object",
+                "required": ["command"],
+                "properties": {
+                    "command": {"type": "string", "example": "BLACKLIST 10.0.0.0/24",
+                                "pattern": "^ *(BLACKLIST|WHITELIST|blacklist|whitelist) +[0-9A-Fa-f.:/]+ *$",
+                                "description": "`BLACKLIST <cidr>` or `WHITELIST <cidr>`; a bare address is a /32 "
+                                               "or /128; host bits must be zero."},
+                    "reason": {"type": "string", "maxLength": 1024, "description": "Kept in the record's headers."},
+                },
+                "additionalProperties": False,
+            }}}},
+            "responses": {
+                "202": {"description": "Published (and applied, with wait=1).", "content": {"application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["offset", "command"],
+                        "properties": {
+                            "offset": {"type": "integer", "minimum": 0},
+                            "command": {"type": "string"},
+                            "applied": {"type": "boolean"},
+                        },
+                    }}}},
+                "400": _ERROR,
+                **_AUTH_ERRORS,
+                "413": _ERROR,
+                "503": {"description": "The broker did not take the command; nothing was published.",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+                "504": {"description": "Published, but not applied here within the timeout.",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            },
+        }},
+        "/admin/status": {"get": {
+            "summary": "Readiness, offsets, lag, staleness and counts of this gateway",
+            "operationId": "status",
+            "responses": {
+                "200": {"description": "Status.", "content": {"application/json": {"schema": {
+                    "$ref": "#/components/schemas/Status"}}}},
+                **_AUTH_ERRORS,
+            },
+        }},
+        "/admin/history": {"get": {
+            "summary": "The time machine: the ranges as they were after a command offset, or at a time",
+            "operationId": "history",
+            "parameters": [
+                {"name": "at", "in": "query", "required": True,
+                 "description": "A command offset N (the fold of commands 0..N) or an ISO 8601 time "
+                                "(commands published at or before it; no zone means UTC).",
+                 "schema": {"anyOf": [{"type": "string", "pattern": "^[0-9]+$"},
+                                      {"type": "string", "format": "date-time"}],
+                            "example": "2024-05-01T12:00:00Z"}},
+                _FAMILY,
+                _FORMAT,
+            ],
+            "responses": {
+                **_LISTING,
+                "200": {
+                    "description": "The ranges then, in address order; streamed.",
+                    "content": {
+                        "application/json": {"schema": {"allOf": [
+                            {"$ref": "#/components/schemas/Ranges"},
+                            {"type": "object", "required": ["at", "commands", "next_offset", "poison_records"],
+                             "properties": {"at": {"type": "string"}, "commands": {"type": "integer"},
+                                            "next_offset": {"type": "integer"},
+                                            "poison_records": {"type": "integer"}}},
+                        ]}},
+                        "text/plain": {"schema": {"type": "string"}},
+                    },
+                },
+                "503": {"description": "The command topic could not be read.",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            },
+        }},
+        "/admin/openapi.json": {"get": {
+            "summary": "This document",
+            "operationId": "openapi",
+            "responses": {"200": {"description": "OpenAPI 3.0", "content": {"application/json": {
+                "schema": {"type": "object"}}}}, **_AUTH_ERRORS},
+        }},
+        "/healthz": {"get": {
+            "summary": "Liveness (no token)",
+            "operationId": "healthz",
+            "security": [],
+            "responses": {"200": {"description": "Alive.", "content": {"application/json": {"schema": {
+                "type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}}}}},
+        }},
+        "/readyz": {"get": {
+            "summary": "Readiness (no token): 503 until the view is bootstrapped here and in every worker",
+            "operationId": "readyz",
+            "security": [],
+            "responses": {
+                "200": {"description": "Ready.", "content": {"application/json": {"schema": {
+                    "$ref": "#/components/schemas/Ready"}}}},
+                "503": {"description": "Not ready yet.", "content": {"application/json": {"schema": {
+                    "$ref": "#/components/schemas/Ready"}}}},
+            },
+        }},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics of every worker (no token)",
+            "operationId": "metrics",
+            "security": [],
+            "responses": {"200": {"description": "Prometheus text format 0.0.4.",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}},
+        }},
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+            "Range": _RANGE,
+            "Ranges": {
+                "type": "object",
+                "required": ["ranges", "count"],
+                "properties": {
+                    "ranges": {"type": "array", "items": {"$ref": "#/components/schemas/Range"}},
+                    "count": {"type": "integer", "minimum": 0},
+                },
+            },
+            "Ready": {"type": "object", "required": ["ready"],
+                      "properties": {"ready": {"type": "boolean"}, "error": {"type": "string"}}},
+            "Status": {
+                "type": "object",
+                "required": ["ready", "ranges", "addresses", "applied_offsets", "end_offsets", "lag", "age_seconds",
+                             "seconds_since_contact", "applied_command", "poison_records", "commands_topic",
+                             "ranges_topic"],
+                "properties": {
+                    "ready": {"type": "boolean"},
+                    "ranges": {"$ref": "#/components/schemas/PerFamily"},
+                    "addresses": {"$ref": "#/components/schemas/PerFamily"},
+                    "applied_offsets": {"type": "object", "additionalProperties": {"type": "integer"},
+                                        "description": "Next view offset to apply, per partition."},
+                    "end_offsets": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "lag": {"type": "integer", "nullable": True, "description": "View records not applied yet."},
+                    "age_seconds": {"type": "number", "description": "Since the view was last known current."},
+                    "seconds_since_contact": {"type": "number", "nullable": True},
+                    "applied_command": {"type": "integer", "nullable": True},
+                    "poison_records": {"type": "integer"},
+                    "commands_topic": {"type": "string"},
+                    "ranges_topic": {"type": "string"},
+                    "workers": {"type": "array", "items": {"type": "object", "properties": {
+                        "worker": {"type": "integer"}, "ready": {"type": "boolean"},
+                        "applied_command": {"type": "integer"}}}},
+                },
+            },
+            "PerFamily": {"type": "object", "required": ["4", "6"],
+                          "properties": {"4": {"type": "integer"}, "6": {"type": "integer"}}},
+        },
+        "responses": {
+            "Error": {"description": "Bad input; the message says what to fix.",
+                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            "Unauthorized": {"description": "No bearer token.",
+                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            "Forbidden": {"description": "Wrong token, or the admin API is disabled (no --admin-token).",
+                          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+        },
+    },
+}
+
+
+def document() -> dict[str, Any]:
+    """A copy of the document (callers may change theirs)."""
+    return copy.deepcopy(_DOCUMENT)

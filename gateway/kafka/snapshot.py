@@ -1,0 +1,184 @@
+"""Snapshot file of the view (--snapshot PATH): a restarted gateway serves at once, then catches up.
+
+The file holds the view records as stored, the next offset per view partition, the time it
+was written and the view topic's delete.retention.ms at that time. It is trusted only while
+younger than that retention (DESIGN.md, invariant 5): a follower that resumes from older
+offsets could miss tombstones that compaction already removed. The retention travels in the
+file so a gateway whose broker is down can still decide. Written atomically (temp file,
+fsync, rename, fsync of the directory): a crash leaves the old snapshot or the new one.
+
+Format: one JSON header line, then one `first last` line per stored range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..blacklist.addresses import format_address
+from .config import KafkaConfig
+from .topics import delete_retention_ms
+
+log = logging.getLogger(__name__)
+
+FORMAT = "gateway-view-snapshot/1"
+
+
+class SnapshotError(ValueError):
+    """A snapshot file that cannot be used; the message says why (it is then ignored)."""
+
+
+@dataclass
+class Snapshot:
+    topic: str
+    written_at: float
+    delete_retention_ms: int
+    offsets: dict[int, int]
+    records: list[tuple[str, str]] = field(repr=False)
+
+    def age(self, now: float | None = None) -> float:
+        return (time.time() if now is None else now) - self.written_at
+
+    def fresh(self, now: float | None = None) -> bool:
+        """Younger than the topic's delete.retention.ms: no tombstone it needs can be gone yet."""
+        return self.age(now) < self.delete_retention_ms / 1000.0
+
+
+def write(
+    path: str | os.PathLike,
+    *,
+    topic: str,
+    ranges: Iterable[tuple[int, int, int]],
+    offsets: dict[int, int],
+    delete_retention_ms: int,
+    written_at: float | None = None,
+) -> None:
+    """Write a snapshot atomically. `ranges` and `offsets` must describe the same moment."""
+    path = Path(path)
+    header = {
+        "format": FORMAT,
+        "topic": topic,
+        "written_at": time.time() if written_at is None else written_at,
+        "delete_retention_ms": delete_retention_ms,
+        "offsets": {str(p): o for p, o in offsets.items()},
+    }
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "w", encoding="ascii") as out:
+            out.write(json.dumps(header) + "\n")
+            text = format_address
+            out.writelines(f"{text(v, s)} {text(v, e)}\n" for v, s, e in ranges)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def read(path: str | os.PathLike) -> Snapshot:
+    """Read a snapshot file; raise SnapshotError (or OSError) when it cannot be used."""
+    with open(path, encoding="ascii", errors="strict") as file:
+        try:
+            header = json.loads(file.readline())
+            if header.get("format") != FORMAT:
+                raise SnapshotError(f"{path}: not a {FORMAT} file")
+            snapshot = Snapshot(
+                topic=str(header["topic"]),
+                written_at=float(header["written_at"]),
+                delete_retention_ms=int(header["delete_retention_ms"]),
+                offsets={int(p): int(o) for p, o in header["offsets"].items()},
+                records=[],
+            )
+            for number, line in enumerate(file, start=2):
+                first, sep, last = line.rstrip("\n").partition(" ")
+                if not sep:
+                    raise SnapshotError(f"{path}: line {number} is not 'first last'")
+                snapshot.records.append((first, last))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            if isinstance(exc, SnapshotError):
+                raise
+            raise SnapshotError(f"{path}: unreadable snapshot ({exc})") from None
+    return snapshot
+
+
+def load(path: str | os.PathLike, topic: str, now: float | None = None) -> Snapshot | None:
+    """The snapshot to start from, or None (logged, with the reason) when there is none to trust."""
+    try:
+        snapshot = read(path)
+    except FileNotFoundError:
+        log.info("no snapshot yet; bootstrapping from the topic", extra={"snapshot": str(path)})
+        return None
+    except (OSError, SnapshotError) as exc:
+        log.warning("ignoring snapshot: %s", exc, extra={"snapshot": str(path)})
+        return None
+    if snapshot.topic != topic:
+        log.warning("ignoring snapshot of another topic %r", snapshot.topic, extra={"snapshot": str(path)})
+        return None
+    if not snapshot.fresh(now):
+        log.warning(
+            "ignoring stale snapshot: %.0f s old, older than the topic's delete.retention.ms (%d ms)",
+            snapshot.age(now), snapshot.delete_retention_ms, extra={"snapshot": str(path)},
+        )
+        return None
+    return snapshot
+
+
+async def keep_writing(path: str | os.PathLike, follower: Any, kafka: KafkaConfig, *, interval_s: float = 30.0) -> None:
+    """Task (one per gateway: the supervisor's): write the follower's view whenever it moved on.
+
+    Checks every `interval_s`, and once more when cancelled (a clean stop leaves a fresh file).
+    The view and offsets are copied in one synchronous step, while no command is half applied;
+    the file is written in a thread.
+    """
+    retention: int | None = None
+    written: dict[int, int] | None = None
+    loop = asyncio.get_running_loop()
+
+    async def write_if_moved() -> None:
+        nonlocal retention, written
+        if retention is None:
+            try:
+                retention = await asyncio.wait_for(delete_retention_ms(kafka), 10)
+            except Exception as exc:  # noqa: BLE001 - broker down: try again next time
+                log.info("snapshot: topic retention unknown yet (%r); not writing", exc)
+                return
+        if not follower.ready.is_set():
+            return
+        offsets = dict(follower.applied_offsets)  # the view holds exactly the records before these
+        if offsets == written:
+            return
+        ranges = list(follower.view.ranges())
+        started = time.monotonic()
+        await loop.run_in_executor(None, functools.partial(
+            write, path, topic=kafka.ranges_topic, ranges=ranges, offsets=offsets, delete_retention_ms=retention))
+        written = offsets
+        log.info("snapshot written: %d ranges in %.2f s", len(ranges), time.monotonic() - started,
+                 extra={"snapshot": str(path), "offsets": offsets})
+
+    try:
+        while True:
+            try:
+                await write_if_moved()
+            except OSError as exc:
+                log.error("snapshot: cannot write %s: %s", path, exc)
+            await asyncio.sleep(interval_s)
+    except asyncio.CancelledError:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            if retention is not None and follower.ready.is_set():
+                write(path, topic=kafka.ranges_topic, ranges=follower.view.ranges(), offsets=dict(follower.applied_offsets),
+                      delete_retention_ms=retention)
+        raise

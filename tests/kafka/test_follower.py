@@ -1,0 +1,171 @@
+"""The follower on a real broker: complete bootstrap before ready, low-latency follow, survival of a frozen broker."""
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from gateway.blacklist.addresses import format_address
+from gateway.blacklist.commands import parse_command
+from gateway.blacklist.ranges import RangeSet, fold
+from gateway.broker import start_broker
+from gateway.kafka.config import KafkaConfig
+from gateway.kafka.follower import Follower
+from gateway.kafka.materializer import Materializer
+from gateway.kafka.publisher import Publisher
+from gateway.kafka.topics import ensure_topics
+
+
+async def eventually(predicate, timeout=30.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True
+
+
+async def write_view(kafka, ranges, linger_ms=50):
+    """Write view records straight to the topic, in large batches (Tansu's end offset then lags behind)."""
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, linger_ms=linger_ms, max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        futures = []
+        for i, (version, start, end) in enumerate(ranges):
+            futures.append(await producer.send(
+                kafka.ranges_topic, format_address(version, end).encode(), key=format_address(version, start).encode(),
+                partition=0, headers=[("command-offset", b"%d" % i), ("last", b"1")],
+            ))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+@pytest.fixture
+async def follower_of():
+    followers = []
+
+    async def start(kafka, **options):
+        follower = Follower(kafka, **options)
+        followers.append((follower, asyncio.create_task(follower.run())))
+        return follower
+
+    yield start
+    for follower, task in followers:
+        follower.stop()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def materializer_of():
+    running = []
+
+    async def start(kafka):
+        materializer = Materializer(kafka)
+        running.append((materializer, asyncio.create_task(materializer.run())))
+        return materializer
+
+    yield start
+    for materializer, task in running:
+        materializer.stop()
+        await asyncio.wait_for(task, 20)
+
+
+async def test_bootstrap_of_100k_ranges_is_not_ready_before_the_end_and_exact_after(kafka, follower_of):
+    await ensure_topics(kafka)
+    ranges = [(4, 0x0A000000 + 4 * i, 0x0A000000 + 4 * i + 1) for i in range(100_000)]
+    await write_view(kafka, ranges)
+    follower = await follower_of(kafka)
+    seen_before_ready = set()
+    while not follower.ready.is_set():
+        seen_before_ready.add(len(follower.view))
+        await asyncio.sleep(0.001)
+    assert seen_before_ready == {0}  # nothing partial is ever served: the bootstrapped view is swapped in whole
+    assert len(follower.view) == 100_000
+    expected = RangeSet()
+    for version, start, end in ranges:
+        expected.store(format_address(version, start), format_address(version, end))
+    assert follower.view == expected
+    assert follower.index.blocks("10.0.0.1") and not follower.index.blocks("10.0.0.2")
+    last_start = format_address(4, ranges[-1][1])
+    assert last_start == "10.6.26.124" and follower.index.blocks("10.6.26.125") and not follower.index.blocks("10.6.26.126")
+    assert follower.applied_command == 99_999 and follower.lag == 0
+
+
+async def test_follows_commands_with_low_latency_and_applies_each_command_whole(kafka, follower_of, materializer_of):
+    await ensure_topics(kafka)
+    follower = await follower_of(kafka)
+    await materializer_of(kafka)
+    assert await eventually(follower.ready.is_set, timeout=10)
+    commands = ["BLACKLIST 10.0.0.0/24", "WHITELIST 10.0.0.100/32", "BLACKLIST 2001:db8::/48", "BLACKLIST 10.0.1.0/24"]
+    async with Publisher(kafka) as publisher:
+        for text in commands:
+            offset = await publisher.publish(text)
+            assert await follower.wait_applied(offset, timeout=20)
+    assert follower.view == fold(parse_command(c) for c in commands)
+    assert follower.index.blocks("10.0.0.99") and not follower.index.blocks("10.0.0.100")
+    assert follower.index.blocks("10.0.1.255") and follower.index.blocks("2001:db8::1")
+    assert len(follower.propagation) == len(commands)
+    assert all(0 <= sample < 10 for sample in follower.propagation)
+    assert follower.age_of_last_update() < 10 and follower.poison == 0
+
+
+async def test_malformed_view_records_are_skipped_and_counted(kafka, follower_of):
+    await ensure_topics(kafka)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+    await producer.start()
+    try:
+        for key, value in [(None, b"10.0.0.9"), (b"nonsense", b"10.0.0.9"), (b"10.0.0.9", b"10.0.0.1"),
+                           (b"10.0.0.0", b"10.0.0.9")]:
+            await producer.send_and_wait(kafka.ranges_topic, value, key=key, partition=0)
+        follower = await follower_of(kafka)
+        assert await eventually(follower.ready.is_set, timeout=10)
+        assert follower.poison == 3  # bootstrap: what the view holds at its end
+        for key, value in [(b"10.0.1.0", b"2001:db8::"), (None, b"x"), (b"\xff", None), (b"10.0.2.0", b"10.0.2.5")]:
+            await producer.send_and_wait(kafka.ranges_topic, value, key=key, partition=0)
+        assert await eventually(lambda: len(follower.view) == 2, timeout=10)
+    finally:
+        await producer.stop()
+    assert follower.poison == 6  # following: every malformed record
+    assert list(follower.view.ranges()) == [(4, 0x0A000000, 0x0A000009), (4, 0x0A000200, 0x0A000205)]
+    assert follower.index.blocks("10.0.2.5") and not follower.index.blocks("10.0.1.0")
+
+
+@pytest.fixture
+def own_broker():
+    """A broker of this test's own (it gets frozen), stopped by PID after the clients using it."""
+    broker = start_broker()
+    yield broker
+    broker.stop()
+
+
+async def test_keeps_answering_while_the_broker_is_frozen_and_catches_up_after(own_broker, follower_of, materializer_of):
+    kafka = KafkaConfig(own_broker.bootstrap, "frozen.commands", "frozen.ranges")
+    await ensure_topics(kafka)
+    follower = await follower_of(kafka, status_interval_s=0.2)
+    await materializer_of(kafka)
+    publisher = Publisher(kafka)
+    await publisher.start()
+    try:
+        offset = await publisher.publish("BLACKLIST 10.0.0.0/24")
+        assert await follower.wait_applied(offset, timeout=20)
+        os.kill(own_broker.pid, signal.SIGSTOP)
+        try:
+            late = asyncio.ensure_future(publisher.publish("BLACKLIST 10.9.0.0/16"))
+            frozen_until = time.monotonic() + 3
+            while time.monotonic() < frozen_until:
+                assert follower.ready.is_set() and follower.index.blocks("10.0.0.7")
+                assert not follower.index.blocks("10.9.0.1")
+                await asyncio.sleep(0.1)
+            assert follower.seconds_since_contact() > 2  # staleness is visible
+        finally:
+            os.kill(own_broker.pid, signal.SIGCONT)
+        late_offset = await asyncio.wait_for(late, 30)
+        assert await follower.wait_applied(late_offset, timeout=40)
+        assert follower.index.blocks("10.9.0.1") and follower.index.blocks("10.0.0.7")
+        assert await eventually(lambda: follower.seconds_since_contact() < 1, timeout=10)
+    finally:
+        await publisher.stop()

@@ -1,0 +1,237 @@
+"""The materializer on a real broker: exact view records, restart safety, one active writer, poison pills."""
+
+import asyncio
+import ipaddress
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from gateway.blacklist.commands import Command, parse_command, parse_network
+from gateway.blacklist.ranges import fold
+from gateway.kafka.materializer import Materializer
+from gateway.kafka.publisher import Publisher
+from gateway.kafka.topics import ensure_topics
+
+
+async def eventually(check, timeout=30.0, interval=0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(interval)
+
+
+async def running(materializer):
+    task = asyncio.create_task(materializer.run())
+    await eventually(lambda: asyncio.sleep(0, materializer.active), timeout=20, interval=0.05)
+    return task
+
+
+async def stopped(materializer, task):
+    materializer.stop()
+    await asyncio.wait_for(task, 20)
+
+
+def random_commands(n, seed):
+    """Commands that overlap a lot: prefixes /20../32 in 10.0.0.0/16, some IPv6, 70 % BLACKLIST."""
+    rng = random.Random(seed)
+    commands = []
+    for _ in range(n):
+        action = "BLACKLIST" if rng.random() < 0.7 else "WHITELIST"
+        if rng.random() < 0.9:
+            length = rng.randint(20, 32)
+            host = (0x0A000000 | rng.getrandbits(16)) >> (32 - length) << (32 - length)
+            network = parse_network(f"{ipaddress.IPv4Address(host)}/{length}")
+        else:
+            length = rng.randint(116, 128)
+            host = (0x20010DB8 << 96 | rng.getrandbits(16)) >> (128 - length) << (128 - length)
+            network = parse_network(f"{ipaddress.IPv6Address(host)}/{length}")
+        commands.append(Command(action, network))
+    return commands
+
+
+def spawn_materializer(kafka, log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", "materialize", "--kafka", kafka.bootstrap,
+         "--commands-topic", kafka.commands_topic, "--ranges-topic", kafka.ranges_topic],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+
+
+def wait_for_line(path: Path, text: str, timeout: float, count: int = 1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text(errors="replace").count(text) >= count:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+async def test_seed_commands_produce_exactly_the_design_records(kafka, read_topic):
+    async with Publisher(kafka) as publisher:
+        await publisher.publish("BLACKLIST 10.0.0.0/24")
+        await publisher.publish("WHITELIST 10.0.0.100/32")
+    materializer = Materializer(kafka)
+    task = await running(materializer)
+    await eventually(lambda: asyncio.sleep(0, materializer.applied == 2))
+    await stopped(materializer, task)
+    records = [(r.key, r.value, dict(r.headers)) for r in await read_topic(kafka.ranges_topic)]
+    assert records == [
+        (b"10.0.0.0", b"10.0.0.255", {"command-offset": b"0", "last": b"1"}),
+        (b"10.0.0.101", b"10.0.0.255", {"command-offset": b"1"}),
+        (b"10.0.0.0", b"10.0.0.99", {"command-offset": b"1", "last": b"1"}),
+    ]
+
+
+async def test_garbage_commands_are_skipped_counted_and_nothing_stops(kafka, read_view):
+    await ensure_topics(kafka)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+    await producer.start()
+    garbage = [b"\xff\xfe", b"DROP TABLE ranges", b"", None, b"BLACKLIST 10.0.0.5/24", b"BLACKLIST " + b"9" * 500]
+    valid = ["BLACKLIST 10.0.0.0/24", "WHITELIST 10.0.0.7", "BLACKLIST 2001:db8::/64"]
+    try:
+        for value in [garbage[0], valid[0].encode(), *garbage[1:4], valid[1].encode(), *garbage[4:]]:
+            await producer.send_and_wait(kafka.commands_topic, value, key=None if value else b"k", partition=0)
+        materializer = Materializer(kafka)
+        task = await running(materializer)
+        await eventually(lambda: asyncio.sleep(0, materializer.applied == 2))
+        await producer.send_and_wait(kafka.commands_topic, valid[2].encode(), partition=0)
+        await eventually(lambda: asyncio.sleep(0, materializer.applied == 3))
+        await stopped(materializer, task)
+    finally:
+        await producer.stop()
+    assert materializer.poison == len(garbage)
+    assert await read_view(kafka) == fold(parse_command(v) for v in valid)
+
+
+async def test_restart_repairs_a_half_written_command(kafka, read_view, read_topic):
+    """Crash after the first of two records of WHITELIST 10.0.0.100: the restart writes the rest."""
+    async with Publisher(kafka) as publisher:
+        await publisher.publish_many([parse_command("BLACKLIST 10.0.0.0/24"), parse_command("WHITELIST 10.0.0.100")])
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(kafka.ranges_topic, b"10.0.0.255", key=b"10.0.0.0", partition=0,
+                                     headers=[("command-offset", b"0"), ("last", b"1")])
+        await producer.send_and_wait(kafka.ranges_topic, b"10.0.0.255", key=b"10.0.0.101", partition=0,
+                                     headers=[("command-offset", b"1")])
+    finally:
+        await producer.stop()
+    materializer = Materializer(kafka)
+    task = await running(materializer)
+    await stopped(materializer, task)
+    assert materializer.next_offset == 2 and materializer.applied == 0
+    assert await read_view(kafka) == fold([parse_command("BLACKLIST 10.0.0.0/24"), parse_command("WHITELIST 10.0.0.100")])
+    last = (await read_topic(kafka.ranges_topic))[-1]
+    assert (last.key, last.value, dict(last.headers)) == (b"10.0.0.0", b"10.0.0.99", {"command-offset": b"1", "last": b"1"})
+
+
+async def test_a_trailing_no_op_still_records_progress(kafka, read_view):
+    async with Publisher(kafka) as publisher:
+        await publisher.publish("BLACKLIST 10.0.0.0/24")
+        await publisher.publish("BLACKLIST 10.0.0.0/25")  # already covered: changes nothing
+    first = Materializer(kafka)
+    task = await running(first)
+    await eventually(lambda: asyncio.sleep(0, first.applied == 2))
+    await stopped(first, task)
+    second = Materializer(kafka)
+    task = await running(second)
+    await stopped(second, task)
+    assert second.next_offset == 2 and second.applied == 0  # nothing re-applied
+    assert await read_view(kafka) == fold([parse_command("BLACKLIST 10.0.0.0/24")])
+
+
+async def test_a_no_op_on_an_empty_view_is_still_marked_applied(kafka, read_topic, read_view):
+    async with Publisher(kafka) as publisher:
+        await publisher.publish("WHITELIST 10.0.0.0/24")  # nothing is blacklisted: changes nothing
+    materializer = Materializer(kafka)
+    task = await running(materializer)
+    await eventually(lambda: asyncio.sleep(0, materializer.applied == 1))
+    await stopped(materializer, task)
+    marker = (await read_topic(kafka.ranges_topic))[-1]
+    assert (marker.key, marker.value, dict(marker.headers)) == (b"0.0.0.0", None, {"command-offset": b"0", "last": b"1"})
+    assert len(await read_view(kafka)) == 0
+
+
+async def test_sigkill_at_random_points_of_a_20k_import_ends_exact(kafka, read_view, tmp_path):
+    commands = random_commands(20_000, seed=3)
+    async with Publisher(kafka) as publisher:
+        await publisher.publish_many(commands)
+    expected = fold(commands)
+    rng = random.Random(7)
+    log = tmp_path / "materializer.log"
+    for round_ in range(1, 4):
+        written = await view_end(kafka)
+        process = spawn_materializer(kafka, log)
+        try:
+            assert wait_for_line(log, "materializer active", timeout=30, count=round_), log.read_text()
+            # Kill once this round has written something, at a random point after that.
+            assert await eventually(lambda: _grew(view_end(kafka), written), timeout=30, interval=0.01)
+            time.sleep(rng.uniform(0.0, 0.15))  # folding all 20k takes about 1 s
+        finally:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+    process = spawn_materializer(kafka, log)
+    try:
+        assert wait_for_line(log, "materializer active", timeout=30, count=4), log.read_text()
+        assert await eventually(lambda: _equals(read_view(kafka), expected), timeout=60, interval=0.5), log.read_text()
+    finally:
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(20) == 0
+    text = log.read_text()
+    assert text.count("materializer active") == 4 and "materializer stopped" in text
+    resumed = [int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if "resuming at command" in line]
+    assert resumed[0] == 0 and resumed[-1] > 0, resumed  # the kills landed in the middle of the import
+
+
+async def _equals(view_coroutine, expected):
+    return await view_coroutine == expected
+
+
+async def _grew(end_coroutine, before):
+    return await end_coroutine > before
+
+
+async def view_end(kafka) -> int:
+    """The end offset of the view topic's partition 0 (0 before the topic exists)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap)
+    await consumer.start()
+    try:
+        partition = TopicPartition(kafka.ranges_topic, 0)
+        return (await consumer.end_offsets([partition]))[partition]
+    finally:
+        await consumer.stop()
+
+
+async def test_two_materializers_one_writer_and_handover(kafka, read_view, tmp_path):
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    await ensure_topics(kafka)
+    processes = [spawn_materializer(kafka, path) for path in logs]
+    try:
+        first = random_commands(2_000, seed=11)
+        async with Publisher(kafka) as publisher:
+            await publisher.publish_many(first)
+        assert await eventually(lambda: _equals(read_view(kafka), fold(first)), timeout=60), [p.read_text() for p in logs]
+        active = [i for i, path in enumerate(logs) if "materializer active" in path.read_text()]
+        assert len(active) == 1, [p.read_text() for p in logs]
+        survivor = 1 - active[0]
+        os.kill(processes[active[0]].pid, signal.SIGKILL)
+        processes[active[0]].wait()
+        second = random_commands(2_000, seed=12)
+        async with Publisher(kafka) as publisher:
+            await publisher.publish_many(second)
+        assert await eventually(lambda: _equals(read_view(kafka), fold(first + second)), timeout=60)
+        assert "materializer active" in logs[survivor].read_text()
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGTERM)
+                process.wait(20)
