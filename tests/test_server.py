@@ -13,8 +13,10 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import aiohttp
+import helpers
 import pytest
 from aiohttp import web
+from helpers import eventually
 
 from gateway.broker import stop_pid
 from gateway.kafka.config import KafkaConfig
@@ -22,9 +24,8 @@ from gateway.kafka.publisher import Publisher
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET6) as s:
-        s.bind(("::", 0))
-        return s.getsockname()[1]
+    """The gateway listens on [::] here (dual-stack): the port must be free for both families."""
+    return helpers.free_port("::")
 
 
 @asynccontextmanager
@@ -97,13 +98,6 @@ async def wait_status(url: str, status: int = 200, timeout: float = 30.0) -> Non
     raise AssertionError(f"{url} never answered {status}")
 
 
-async def until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
 async def test_published_blacklist_blocks_the_next_requests_in_every_worker(kafka_bootstrap, topic_names, tmp_path):
     port, admin = free_port(), free_port()
     async with bidder() as (upstream, answered, _):
@@ -121,7 +115,7 @@ async def test_published_blacklist_blocks_the_next_requests_in_every_worker(kafk
                     statuses = [(await request(port, ip))[0] for ip in ("127.0.0.2", "::1") for _ in range(4)]
                     return set(statuses) == {403}
 
-                await until(enforced)
+                await eventually(enforced)
                 # Each request on a new connection: spread over both workers, all enforce it.
                 blocked = [await request(port, "127.0.0.2", b"x") for _ in range(10)]
                 assert {(status, body) for status, _, body in blocked} == {(403, b"")}
@@ -130,7 +124,7 @@ async def test_published_blacklist_blocks_the_next_requests_in_every_worker(kafk
                 assert b"x" not in answered
 
                 await pub.publish("WHITELIST 127.0.0.0/8")
-                await until(lambda: _status_is(port, "127.0.0.2", 200))
+                await eventually(lambda: _status_is(port, "127.0.0.2", 200))
 
 
 async def _status_is(port: int, source: str, status: int) -> bool:
@@ -205,7 +199,7 @@ async def test_a_killed_worker_is_replaced(kafka_bootstrap, topic_names, tmp_pat
                 now = children(gateway.pid)
                 return len(now) == 2 and workers[0] not in now
 
-            await until(replaced, timeout=10)
+            await eventually(replaced, timeout=10)
             await wait_status(f"http://127.0.0.1:{admin}/readyz")
             assert {(await request(port))[0] for _ in range(10)} == {200}
 

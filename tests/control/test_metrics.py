@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import time
 
 import aiohttp
 from aiohttp import web
+from helpers import free_port
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -177,11 +177,6 @@ async def until_ok(session: aiohttp.ClientSession, url: str, timeout: float = 30
         assert time.monotonic() < deadline, f"{url} never answered 200"
         await asyncio.sleep(0.1)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_the_materializer_exports_its_poison_count_and_role():

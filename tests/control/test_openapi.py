@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 import schemathesis
+from helpers import free_port
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import CHECKS, not_a_server_error
 
@@ -22,11 +22,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 schema = schemathesis.openapi.from_dict(document())
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

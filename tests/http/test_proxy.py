@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 from aiohttp import web
+from helpers import free_port
 
 from gateway.blacklist.addresses import parse_address
 from gateway.blacklist.index import Index
@@ -68,11 +69,6 @@ async def start_bidder(handler=None, port: int = 0) -> Bidder:
     bidder.port = site._server.sockets[0].getsockname()[1]
     return bidder
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from helpers import eventually
 
 from gateway.blacklist.addresses import format_address
 from gateway.blacklist.commands import parse_command
@@ -17,15 +18,6 @@ from gateway.kafka.follower import Follower
 from gateway.kafka.materializer import Materializer
 from gateway.kafka.publisher import Publisher
 from gateway.kafka.topics import ensure_topics
-
-
-async def eventually(predicate, timeout=30.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(interval)
-    return True
 
 
 async def write_view(kafka, ranges, linger_ms=50):

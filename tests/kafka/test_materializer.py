@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from helpers import eventually
 
 from gateway.blacklist.commands import Command, parse_command, parse_network
 from gateway.blacklist.ranges import fold
@@ -19,18 +20,9 @@ from gateway.kafka.publisher import Publisher
 from gateway.kafka.topics import ensure_topics
 
 
-async def eventually(check, timeout=30.0, interval=0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result or time.monotonic() > deadline:
-            return result
-        await asyncio.sleep(interval)
-
-
 async def running(materializer):
     task = asyncio.create_task(materializer.run())
-    await eventually(lambda: asyncio.sleep(0, materializer.active), timeout=20, interval=0.05)
+    await eventually(lambda: materializer.active, timeout=20, what="an active materializer")
     return task
 
 
@@ -81,7 +73,7 @@ async def test_seed_commands_produce_exactly_the_design_records(kafka, read_topi
         await publisher.publish("WHITELIST 10.0.0.100/32")
     materializer = Materializer(kafka)
     task = await running(materializer)
-    await eventually(lambda: asyncio.sleep(0, materializer.applied == 2))
+    await eventually(lambda: materializer.applied == 2)
     await stopped(materializer, task)
     records = [(r.key, r.value, dict(r.headers)) for r in await read_topic(kafka.ranges_topic)]
     assert records == [
@@ -102,9 +94,9 @@ async def test_garbage_commands_are_skipped_counted_and_nothing_stops(kafka, rea
             await producer.send_and_wait(kafka.commands_topic, value, key=None if value else b"k", partition=0)
         materializer = Materializer(kafka)
         task = await running(materializer)
-        await eventually(lambda: asyncio.sleep(0, materializer.applied == 2))
+        await eventually(lambda: materializer.applied == 2)
         await producer.send_and_wait(kafka.commands_topic, valid[2].encode(), partition=0)
-        await eventually(lambda: asyncio.sleep(0, materializer.applied == 3))
+        await eventually(lambda: materializer.applied == 3)
         await stopped(materializer, task)
     finally:
         await producer.stop()
@@ -140,7 +132,7 @@ async def test_a_trailing_no_op_still_records_progress(kafka, read_view):
         await publisher.publish("BLACKLIST 10.0.0.0/25")  # already covered: changes nothing
     first = Materializer(kafka)
     task = await running(first)
-    await eventually(lambda: asyncio.sleep(0, first.applied == 2))
+    await eventually(lambda: first.applied == 2)
     await stopped(first, task)
     second = Materializer(kafka)
     task = await running(second)
@@ -154,7 +146,7 @@ async def test_a_no_op_on_an_empty_view_is_still_marked_applied(kafka, read_topi
         await publisher.publish("WHITELIST 10.0.0.0/24")  # nothing is blacklisted: changes nothing
     materializer = Materializer(kafka)
     task = await running(materializer)
-    await eventually(lambda: asyncio.sleep(0, materializer.applied == 1))
+    await eventually(lambda: materializer.applied == 1)
     await stopped(materializer, task)
     marker = (await read_topic(kafka.ranges_topic))[-1]
     assert (marker.key, marker.value, dict(marker.headers)) == (b"0.0.0.0", None, {"command-offset": b"0", "last": b"1"})

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
+from helpers import eventually, free_port
 
 from gateway.bidder import bound_port, start_bidder
 from gateway.broker import start_broker, stop_pid
@@ -80,7 +80,7 @@ async def test_the_writer_follows_the_view_and_writes_once_more_on_stop(kafka_bo
         writer = asyncio.create_task(snapshot.keep_writing(path, follower, kafka, interval_s=0.05))
         offset = await publisher.publish("BLACKLIST 10.0.0.0/24")
         assert await follower.wait_applied(offset, 15)
-        await until(lambda: path.exists() and snapshot.read(path).records == [("10.0.0.0", "10.0.0.255")])
+        await eventually(lambda: path.exists() and snapshot.read(path).records == [("10.0.0.0", "10.0.0.255")])
         offset = await publisher.publish("WHITELIST 10.0.0.128/25")
         assert await follower.wait_applied(offset, 15)
         writer.cancel()
@@ -110,18 +110,6 @@ async def control_plane(kafka: KafkaConfig):
         tasks[1].cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-
-async def until(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def get(url: str, **kwargs) -> tuple[int, object]:
