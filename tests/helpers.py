@@ -77,9 +77,13 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free port in {_PORTS.start}-{_PORTS.stop - 1} on {host}")
 
 
-async def eventually(check: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.05,
-                     what: str | None = None) -> Any:
+async def eventually(check: Callable[[], Any], *, until: Callable[[Any], Any] | None = None,
+                     timeout: float = 30.0, interval: float = 0.05, what: str | None = None) -> Any:
     """Poll `check()` (sync or async) until it returns something truthy, and return that.
+
+    With `until`, poll until `until(check())` is truthy and return what `check()` returned:
+    `await eventually(read_status, until=lambda s: s["lag"] == 0)` shows the last status
+    read when it fails, not just False.
 
     Past `timeout` seconds it raises AssertionError naming what was awaited and the last
     value seen, so a test fails where it waited, never later with a misleading message.
@@ -96,7 +100,7 @@ async def eventually(check: Callable[[], Any], *, timeout: float = 30.0, interva
         except Exception as error:  # noqa: BLE001 - shown below if it never clears
             last = error
         else:
-            if last:
+            if (until(last) if until is not None else last):
                 return last
         if time.monotonic() >= deadline:
             name = what or getattr(check, "__qualname__", repr(check))
@@ -104,7 +108,7 @@ async def eventually(check: Callable[[], Any], *, timeout: float = 30.0, interva
         await asyncio.sleep(interval)
 
 
-def wait_until(check: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.05,
-               what: str | None = None) -> Any:
+def wait_until(check: Callable[[], Any], *, until: Callable[[Any], Any] | None = None, timeout: float = 30.0,
+               interval: float = 0.05, what: str | None = None) -> Any:
     """`eventually` for synchronous tests (subprocesses, files)."""
-    return asyncio.run(eventually(check, timeout=timeout, interval=interval, what=what))
+    return asyncio.run(eventually(check, until=until, timeout=timeout, interval=interval, what=what))

@@ -50,3 +50,10 @@ def test_wait_until_shows_the_last_error_of_the_check():
 
     with pytest.raises(AssertionError, match="not listening yet"):
         wait_until(check, timeout=0.2, what="a listener")
+
+
+async def test_eventually_until_returns_the_value_and_shows_the_last_one_when_it_never_comes():
+    readings = iter(range(100))
+    assert await eventually(lambda: next(readings), until=lambda n: n >= 3, interval=0.001) == 3
+    with pytest.raises(AssertionError, match=r"waiting for a big number; last: \{'n': 1\}"):
+        await eventually(lambda: {"n": 1}, until=lambda r: r["n"] > 5, timeout=0.1, what="a big number")
