@@ -27,7 +27,7 @@ import pytest
 from helpers import eventually, free_port
 from liveserve import answers, gateway_process, samples
 
-from gateway.broker import Broker, start_broker
+from gateway.broker import Broker
 
 TOKEN = "staleness-test-token"
 OUTAGE_S = 3.0
@@ -107,14 +107,6 @@ async def serving(bootstrap: str, tmp_path: Path, *extra: str, materializer: boo
         async with aiohttp.ClientSession() as session:
             await answers(session, f"http://127.0.0.1:{admin}/readyz", process=serve)
             yield Gateway(port, f"http://127.0.0.1:{admin}", session, started)
-
-
-@pytest.fixture
-def own_broker():
-    """A broker of this test's own: it gets killed or frozen. Stopped by PID (SIGCONT first) at the end."""
-    broker = start_broker()
-    yield broker
-    broker.stop()
 
 
 async def test_an_idle_gateway_whose_broker_answers_reports_its_view_as_current(kafka_bootstrap, topic_names, tmp_path):
