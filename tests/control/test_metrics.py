@@ -138,9 +138,11 @@ async def test_one_scrape_of_gateway_serve_counts_the_requests_of_every_worker(k
                 async with session.get(f"http://127.0.0.1:{admin}/metrics") as response:
                     return samples(await response.text())
 
-            # Workers flush once a second: wait for the flushes that carry every request.
-            got = await eventually(scrape, until=lambda got: got[("gateway_request_seconds_count", ())] >= 40,
-                                   what="a scrape that counts all 40 requests")
+            # Every process (supervisor and workers) flushes once a second: wait for the flushes that
+            # carry every request and every process's readiness.
+            got = await eventually(scrape, until=lambda got: got[("gateway_request_seconds_count", ())] >= 40
+                                   and got[("gateway_ready", ())] == 1,
+                                   what="a scrape that counts all 40 requests, every process ready")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
