@@ -30,6 +30,17 @@ def embedded_broker() -> Iterator[Broker | None]:
         broker.stop()
 
 
+@pytest.fixture
+def own_broker() -> Iterator[Broker]:
+    """A Tansu of this test's own, for tests that kill or freeze their broker; stopped by PID at the end
+    (stop_pid sends SIGCONT first, so a frozen one stops too)."""
+    broker = start_broker()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(embedded_broker: Broker | None) -> str:
     """host:port of the broker every Kafka test talks to."""

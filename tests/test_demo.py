@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import queue
 import re
@@ -27,12 +26,13 @@ def alive(pid: int) -> bool:
     return True
 
 
-async def test_demo_blocks_a_blacklisted_client_and_ctrl_c_stops_every_process():
+async def test_demo_blocks_a_blacklisted_client_and_ctrl_c_stops_every_process(tmp_path):
     port, admin, bidder = free_port(), free_port(), free_port()
     demo = subprocess.Popen(
         [sys.executable, "-m", "gateway", "demo", "--port", str(port), "--admin-port", str(admin),
          "--bidder-port", str(bidder)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)})  # its log folder goes where pytest cleans up
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in demo.stdout], daemon=True).start()
     output: list[str] = []
@@ -52,6 +52,8 @@ async def test_demo_blocks_a_blacklisted_client_and_ctrl_c_stops_every_process()
     try:
         pids = [int(p) for p in re.findall(r"=(\d+)", read_until(r"demo: starting").string)]
         assert len(pids) == 4  # broker, materializer, bidder, gateway
+        logs = read_until(r"logs\s+(\S+)/").group(1)
+        assert logs.startswith(f"{tmp_path}/"), logs  # not a folder left in /tmp for each run
         token = read_until(r"TOKEN=(\S+)").group(1)
         auth = {"Authorization": f"Bearer {token}"}
         gateway, admin_url = f"http://127.0.0.1:{port}/openrtb", f"http://127.0.0.1:{admin}"
@@ -74,5 +76,5 @@ async def test_demo_blocks_a_blacklisted_client_and_ctrl_c_stops_every_process()
             demo.kill()
             raise
     assert code == 0, "".join(output)
-    await asyncio.sleep(0.1)
+    # The demo waits for each of its processes before it exits: none may be left, not even a zombie.
     assert not [pid for pid in pids if alive(pid)], "processes left behind"

@@ -2,13 +2,15 @@
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from model import addresses, copy_of, reference, scattered_commands, tiny_commands
+from model import BITS, any_command, common, copy_of, inside, mapped, reference, spans, tiny_commands
 
+from gateway.blacklist.addresses import format_address, parse_address
+from gateway.blacklist.cidrs import range_to_cidrs
 from gateway.blacklist.commands import parse_command
 from gateway.blacklist.index import Index
 from gateway.blacklist.ranges import RangeSet, fold
 
-command_lists = st.lists(st.one_of(tiny_commands, scattered_commands()), max_size=40)
+command_lists = st.lists(any_command, max_size=40)
 
 
 def apply_all(ranges: RangeSet, *lines: str) -> list[list[tuple[str, str | None]]]:
@@ -86,34 +88,55 @@ def test_store_rejects_malformed_view_records():
 @settings(max_examples=300)
 @given(command_lists)
 def test_fold_equals_the_reference_model(commands):
-    """Invariant 1: after any sequence the view is the brute-force set, and canonical."""
+    """Invariant 1: after any sequence the view is the brute-force set, as canonical ranges."""
     ranges = fold(commands)
-    assert addresses(ranges) == reference(commands)
+    assert spans(ranges) == reference(commands)  # the reference merges touching spans: canonical too
     assert is_canonical(ranges)
 
 
 @settings(max_examples=300)
-@given(command_lists, st.one_of(tiny_commands, scattered_commands()))
+@given(command_lists, st.one_of(any_command, tiny_commands))
 def test_no_transient_hole_at_any_record_boundary(history, command):
-    """Invariant 2: an address blocked before and after a command stays blocked between records."""
+    """Invariant 2: an address blocked before and after a command (by the reference) stays blocked
+    at every record boundary of a follower's index."""
     ranges = fold(history)
     follower_view = copy_of(ranges)
     index = Index.build(follower_view.ranges())
-    before = addresses(ranges)
+    kept = common(reference(history), reference([*history, command]))
     records = ranges.apply(command)
-    after = addresses(ranges)
-    kept = {v: before[v] & after[v] for v in (4, 6)}
+    probes = probe_points(kept, [*follower_view.ranges(), *(_span(key, value) for key, value in records if value)])
     for key, value in records:
         index.update(follower_view.store(key, value))
-        for version, blocked in kept.items():
-            for address in blocked:
-                assert index.blocks(_text(version, address)), f"hole at {_text(version, address)} after {key}={value}"
-    assert follower_view == ranges
+        holes = [ip for ip in probes if not index.blocks(ip)]
+        assert not holes, f"hole at {holes[0]} after {key}={value}"
+    assert spans(follower_view) == reference([*history, command])
     assert index == Index.build(ranges.ranges()), "record-by-record index differs from a fresh build"
 
 
+def probe_points(kept, seen) -> list[str]:
+    """Addresses whose lookups find any hole in `kept`, as text.
+
+    The index holds CIDR blocks of ranges it was given (`seen`). An unblocked stretch inside a kept
+    span starts at the span's first address or right after the end of some block, so looking up
+    those addresses finds every hole however wide the spans. (IPv4-mapped IPv6 text is looked up as
+    IPv4 by design, so that corner of IPv6 cannot be probed here.)
+    """
+    points = {(version, first) for version in (4, 6) for first, _ in kept[version]}
+    for version, start, end in seen:
+        for network, length in range_to_cidrs(start, end, BITS[version]):
+            after = network + (1 << (BITS[version] - length))
+            if inside(kept[version], after):
+                points.add((version, after))
+    return [format_address(v, a) for v, a in sorted(points) if not mapped(v, a)]
+
+
+def _span(key: str, value: str) -> tuple[int, int, int]:
+    version, start = parse_address(key)
+    return version, start, parse_address(value)[1]
+
+
 @settings(max_examples=200)
-@given(command_lists, st.one_of(tiny_commands, scattered_commands()), st.data())
+@given(command_lists, st.one_of(any_command, tiny_commands), st.data())
 def test_reconcile_repairs_a_half_written_batch(history, command, data):
     """Invariant 4: re-applying a command over its half-written records yields the exact set."""
     ranges = fold(history)
@@ -127,6 +150,7 @@ def test_reconcile_repairs_a_half_written_batch(history, command, data):
     for key, value in stored.reconcile(command):
         index.update(follower.store(key, value))
     assert stored == follower == ranges
+    assert spans(stored) == reference([*history, command])
     assert index == Index.build(ranges.ranges())
 
 
@@ -135,12 +159,6 @@ def test_reconcile_without_a_command_canonicalizes_overlaps():
     for key, value in [("10.0.0.0", "10.0.0.99"), ("10.0.0.50", "10.0.0.200"), ("10.0.0.201", "10.0.0.255")]:
         stored.store(key, value)
     assert stored.reconcile() == [("10.0.0.0", "10.0.0.255"), ("10.0.0.50", None), ("10.0.0.201", None)]
-
-
-def _text(version, address):
-    from gateway.blacklist.addresses import format_address
-
-    return format_address(version, address)
 
 
 def test_from_view_loads_the_last_value_of_each_key_and_skips_poison():
@@ -155,3 +173,14 @@ def test_from_view_loads_the_last_value_of_each_key_and_skips_poison():
     assert ranges == want
     assert ranges.addresses(4) == 100 and ranges.addresses(6) == 256
     assert bad == [("banana", "10.0.0.1")]
+
+
+@settings(max_examples=200)
+@given(st.lists(tiny_commands, max_size=30))
+def test_the_model_folds_like_sets_of_every_address(commands):
+    """The reference itself, checked where every address can be listed: a plain set per address."""
+    blocked: set[int] = set()
+    for c in commands:
+        span = set(range(c.first, c.last + 1))
+        blocked = blocked | span if c.action == "BLACKLIST" else blocked - span
+    assert {a for first, last in reference(commands)[4] for a in range(first, last + 1)} == blocked

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -10,13 +9,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import aiohttp
 from aiohttp import web
-from helpers import free_port
+from helpers import eventually, free_port
+from liveserve import answers, samples
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.bidder import bound_port, start_bidder
 from gateway.control.metrics import (
@@ -31,18 +29,6 @@ from gateway.control.metrics import (
     serve_poison_metrics,
 )
 from gateway.http.proxy import Stats
-
-
-def samples(text: bytes | str) -> dict[tuple[str, tuple], float]:
-    """Parse an exposition into {(sample name, sorted labels): value}, creation times left out."""
-    if isinstance(text, bytes):
-        text = text.decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if not s.name.endswith("_created")
-    }
 
 
 def test_flusher_exports_outcome_deltas_and_latency_buckets():
@@ -142,14 +128,21 @@ async def test_one_scrape_of_gateway_serve_counts_the_requests_of_every_worker(k
         stdout=subprocess.DEVNULL, stderr=log)
     try:
         async with aiohttp.ClientSession() as session:
-            await until_ok(session, f"http://127.0.0.1:{admin}/readyz")
+            await answers(session, f"http://127.0.0.1:{admin}/readyz", process=proc)
             for _ in range(40):  # a new connection each: the kernel spreads them over the workers
                 async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
                     async with fresh.post(f"http://127.0.0.1:{port}/", json={"id": "1", "imp": [{"id": "1"}]}) as r:
                         assert r.status == 200
-            await asyncio.sleep(1.5)  # workers flush once a second
-            async with session.get(f"http://127.0.0.1:{admin}/metrics") as response:
-                got = samples(await response.text())
+
+            async def scrape() -> dict:
+                async with session.get(f"http://127.0.0.1:{admin}/metrics") as response:
+                    return samples(await response.text())
+
+            # Every process (supervisor and workers) flushes once a second: wait for the flushes that
+            # carry every request and every process's readiness.
+            got = await eventually(scrape, until=lambda got: got[("gateway_request_seconds_count", ())] >= 40
+                                   and got[("gateway_ready", ())] == 1,
+                                   what="a scrape that counts all 40 requests, every process ready")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -165,18 +158,7 @@ async def test_one_scrape_of_gateway_serve_counts_the_requests_of_every_worker(k
     assert {"serving", "stopped"} <= {e["message"] for e in entries}
 
 
-async def until_ok(session: aiohttp.ClientSession, url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            async with session.get(url) as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        assert time.monotonic() < deadline, f"{url} never answered 200"
-        await asyncio.sleep(0.1)
-
+POISON = ("gateway_poison_records_total", (("reader", "materializer"),))
 
 
 async def test_the_materializer_exports_its_poison_count_and_role():
@@ -189,13 +171,17 @@ async def test_the_materializer_exports_its_poison_count_and_role():
     try:
         async with aiohttp.ClientSession() as session:
             source.poison = 2
-            await asyncio.sleep(1.3)
-            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
-                got = samples(await response.text())
+
+            async def scrape() -> dict:
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                    return samples(await response.text())
+
+            # It flushes once a second: wait for the flush that carries the count.
+            got = await eventually(scrape, until=lambda got: got.get(POISON, 0) >= 2, what="the poison count")
             async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
                 assert response.status == 200
             async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
                 assert (response.status, await response.json()) == (200, {"ready": True, "active": True})
     finally:
         await stop()
-    assert got[("gateway_poison_records_total", (("reader", "materializer"),))] == 2
+    assert got[POISON] == 2

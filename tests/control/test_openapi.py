@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 import schemathesis
-from helpers import free_port
+from helpers import free_port, wait_until
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import CHECKS, not_a_server_error
 
@@ -42,15 +42,8 @@ def live_gateway(kafka_bootstrap, tmp_path_factory) -> Iterator[str]:
                                            stderr=subprocess.STDOUT), log))
     url = f"http://127.0.0.1:{admin}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "gateway serve never became ready"
-            time.sleep(0.1)
+        wait_until(lambda: requests.get(url + "/readyz", timeout=5).status_code == 200, timeout=60, interval=0.1,
+                   what="gateway serve to be ready")
         # A non-empty view: the materializer then records progress even for commands that change nothing.
         seeded = requests.post(url + "/admin/commands?wait=1&timeout=30", json={"command": "BLACKLIST 192.0.2.0/24"},
                                headers=AUTH, timeout=35)
