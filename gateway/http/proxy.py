@@ -72,7 +72,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?").fullmatch
 
 SLICE = 8192  # bytes fed to the parser at a time: bounds what one read can queue or buffer
-MAX_QUEUED = 16  # pipelined requests held per connection before reading stops
+MAX_QUEUED = 16  # pipelined requests queued before parsing stops (plus what the slice in hand holds)
 MAX_CHUNKS = 16384  # chunks per request body (1-byte chunks cost a callback each)
 
 
@@ -367,6 +367,8 @@ class HttpConnection(asyncio.Protocol):
         if version != "1.1" and version != "1.0":
             self.refuse(505)
         self.http10 = http10 = version == "1.0"
+        if parser.should_upgrade():  # Upgrade, CONNECT
+            self.refuse(501)
         if self.hosts != 1:
             if self.hosts or not http10:
                 self.refuse(400)
@@ -380,8 +382,6 @@ class HttpConnection(asyncio.Protocol):
             self.url = url
         if method == b"TRACE":
             self.refuse(405)
-        if parser.should_upgrade():
-            self.refuse(501)
         if self.te is not None:
             if http10:
                 self.refuse(400)
