@@ -7,6 +7,7 @@ aiohttp or raw asyncio servers; clients are raw sockets so bytes can be compared
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -110,3 +111,50 @@ async def start_gateway(upstreams, index=None, ready=True, host="127.0.0.1", **s
     sock.listen()
     server = await proxy.serve(sock)
     return server, proxy, sock.getsockname()[1]
+
+
+OK_REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class Recorder:
+    """A raw-socket upstream: records each request's bytes, answers each with `reply`."""
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+        self.reply = OK_REPLY
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buffer = b""
+        try:
+            while data := await reader.read(65536):
+                buffer += data
+                while (end := buffer.find(b"\r\n\r\n")) >= 0:
+                    match = re.search(rb"\r\ncontent-length: *(\d+)", buffer[: end + 2], re.I)
+                    total = end + 4 + (int(match.group(1)) if match else 0)
+                    if len(buffer) < total:
+                        break
+                    self.requests.append(buffer[:total])
+                    buffer = buffer[total:]
+                    writer.write(self.reply)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+async def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on host:port (for started servers)."""
+    try:
+        _, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return False
+    writer.close()
+    return True

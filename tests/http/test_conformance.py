@@ -23,12 +23,11 @@ from pathlib import Path
 
 import pytest
 from helpers import eventually, free_port
-from proxyrig import ranges, start_gateway
+from proxyrig import OK_REPLY, Recorder, listening, ranges, start_gateway
 
 from gateway.broker import stop_pid
 from gateway.http.proxy import MAX_QUEUED, SLICE
 
-OK_REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
@@ -157,40 +156,6 @@ CASES = [
          [up(f"GET / HTTP/1.1\r\nHost: {{up}}\r\n{XFF}\r\n")], canned(502, "Bad Gateway", close=False),
          reply=b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 20000 + b"\r\nContent-Length: 2\r\n\r\nok"),
 ]
-
-
-class Recorder:
-    """A raw-socket upstream: records each request's bytes, answers each with `reply`."""
-
-    def __init__(self) -> None:
-        self.requests: list[bytes] = []
-        self.reply = OK_REPLY
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
-        return self.server.sockets[0].getsockname()[1]
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        buffer = b""
-        try:
-            while data := await reader.read(65536):
-                buffer += data
-                while (end := buffer.find(b"\r\n\r\n")) >= 0:
-                    match = re.search(rb"\r\ncontent-length: *(\d+)", buffer[: end + 2], re.I)
-                    total = end + 4 + (int(match.group(1)) if match else 0)
-                    if len(buffer) < total:
-                        break
-                    self.requests.append(buffer[:total])
-                    buffer = buffer[total:]
-                    writer.write(self.reply)
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    def close(self) -> None:
-        self.server.close()
 
 
 async def send(port: int, data: bytes, want: int, closes: bool) -> tuple[bytes, bool]:
@@ -384,16 +349,8 @@ async def nginx(recorder, tmp_path: Path):
     conf.write_text(NGINX_CONF.format(dir=tmp_path, port=port, upstream=recorder.port))
     proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp_path)], stderr=subprocess.PIPE)
 
-    async def listening() -> bool:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            return False
-        writer.close()
-        return True
-
     try:
-        await eventually(listening, timeout=10, what="nginx to listen")
+        await eventually(lambda: listening(port), timeout=10, what="nginx to listen")
         yield port
     finally:
         stop_pid(proc, timeout=5)

