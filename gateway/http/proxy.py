@@ -24,8 +24,9 @@ HTTP/1.1 behaviour (README "Front door: HTTP conformance and limits" lists each 
   codings other than exactly `chunked`: 501; with HTTP/1.0: 400. Host missing (1.1),
   repeated or malformed: 400. Absolute-form targets become origin-form (userinfo: 400).
   Header names with an underscore are dropped (nginx `underscores_in_headers off`).
-- A request not fully received within `request_timeout_s`: 408, closed; a connection idle
-  for `idle_timeout_s`: closed. Both checked by one sweeper per worker, not per request.
+- A request not fully received within `request_timeout_s`: 408, closed; a body still
+  arriving when the budget is spent: the timeout status, closed, the rest never read; a
+  connection idle for `idle_timeout_s`: closed. All checked by one sweeper per worker.
 - The response to the client is sent only when the whole upstream response is in, with
   a Content-Length; so the timeout status can still be sent right up to the deadline.
 - A failed attempt is sent again (another upstream, or a fresh connection) while time is
@@ -105,6 +106,7 @@ class Proxy(Core):
         self.max_connections = config.max_connections
         self.max_buffered = config.max_buffered_bytes
         self.buffered = 0  # request body bytes being gathered, over all connections
+        self.valid_hosts: set[bytes] = set()  # Host values seen valid: a set lookup, not a regex, per request
         self.connections: set[HttpConnection] = set()
         self.draining = False
         self._responses: dict[tuple[int, bytes], tuple[bytes, bytes, bytes]] = {}
@@ -140,15 +142,26 @@ class Proxy(Core):
     async def _sweep(self) -> None:
         idle_s = self.config.idle_timeout_s
         request_s = self.config.request_timeout_s
-        period = min(0.5, idle_s / 4, request_s / 4)
+        budget = self.budget
+        period = min(0.5, idle_s / 4, request_s / 4, max(budget, 0.05))
         while True:
             await asyncio.sleep(period)
             now = self.loop.time()
             for conn in list(self.connections):
                 if conn.reading and now - conn.t0 > request_s:
                     conn.fail(408)
+                elif conn.reading and not conn.in_headers and now - conn.t0 > budget:
+                    # A body still arriving past the deadline can never be answered in time:
+                    # answer now and stop reading it (a trickled body costs a read per segment).
+                    self.stats.timeout += 1
+                    conn.final(self.timeout_status)
                 elif not conn.busy and not conn.reading and now - conn.last > idle_s:
                     conn.close()
+
+    def remember_host(self, host: bytes) -> None:
+        if len(self.valid_hosts) >= 1024:
+            self.valid_hosts.clear()
+        self.valid_hosts.add(host)
 
     # -- canned answers ---------------------------------------------------------------
     def response(self, status: int, extra: bytes = b"") -> tuple[bytes, bytes, bytes]:
@@ -372,8 +385,10 @@ class HttpConnection(asyncio.Protocol):
         if self.hosts != 1:
             if self.hosts or not http10:
                 self.refuse(400)
-        elif not valid_host(self.host):
-            self.refuse(400)
+        elif self.host not in self.proxy.valid_hosts:
+            if not valid_host(self.host):
+                self.refuse(400)
+            self.proxy.remember_host(self.host)
         self.method = method = parser.get_method()
         if self.url[:1] != b"/" and not (self.url == b"*" and method == b"OPTIONS"):
             url = origin_form(self.url)
