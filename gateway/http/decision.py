@@ -108,11 +108,15 @@ class Core:
 
     def screen(self, peer: str, peer_trusted: bool, xff: bytes | None) -> int:
         """Decide on the headers alone: 0 to go on, else the status to answer at once."""
-        if not self.ready():
+        if not self._ready and not self.ready():
             self.stats.not_ready += 1
             return 503
         client = self.resolver.resolve(peer, xff.decode("latin-1")) if peer_trusted and xff is not None else peer
-        if self.blocks(client):
+        try:  # self.blocks(), inlined: this runs for every request
+            blocked = self.view.index.blocks(client)
+        except (ValueError, TypeError, KeyError):
+            blocked = True
+        if blocked:
             self.stats.blocked += 1
             return self.reject_status
         return 0

@@ -190,7 +190,7 @@ class HttpConnection(asyncio.Protocol):
         # the request being parsed
         "reading", "in_headers", "t0", "method", "url", "headers", "header_bytes", "head_bytes", "body",
         "body_size", "xff", "hop", "ka", "expect", "host", "hosts", "te", "length", "encoding", "chunks",
-        "verdict", "http10",
+        "verdict", "http10", "keep_alive",
         # the request being answered
         "busy", "last", "request_line", "keep", "x_ka", "head", "tail", "is_head", "idempotent", "seq",
         "deadline", "timer", "upstream", "upstream_conn", "attempts", "sent",
@@ -246,6 +246,9 @@ class HttpConnection(asyncio.Protocol):
         self.peer_trusted = self.proxy.trusted(address)
 
     def data_received(self, data: bytes) -> None:
+        if len(data) <= SLICE and self.held is None and self.preamble is None and not self.halted:
+            self.feed(data)  # the common case: one request, or a piece of a body
+            return
         if self.halted or self.closed:
             return
         if self.preamble is not None:
@@ -270,22 +273,24 @@ class HttpConnection(asyncio.Protocol):
     def feed(self, data: bytes | memoryview) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:  # CONNECT
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if not self.halted:
-                self.fail(501)
-        except httptools.HttpParserCallbackError:
-            if not self.halted:  # not a refusal of ours: a bug in a callback
-                log.exception("request parsing failed", extra={"peer": self.peer})
-                self.fail(500)
-        except httptools.HttpParserError:
-            if not self.halted:
-                self.fail(400)
+                self.parse_failed(exc)
         else:
             if self.in_headers:
                 # httptools holds a header line until it ends: bound that too (one slice of slack).
                 self.head_bytes += len(data)
                 if self.head_bytes > self.proxy.max_header + SLICE:
                     self.fail(431)
+
+    def parse_failed(self, exc: Exception) -> None:
+        if isinstance(exc, httptools.HttpParserUpgrade):  # CONNECT
+            self.fail(501)
+        elif isinstance(exc, httptools.HttpParserCallbackError):  # not a refusal of ours: a bug
+            log.exception("request parsing failed", extra={"peer": self.peer})
+            self.fail(500)
+        else:
+            self.fail(400)
 
     def read_preamble(self, data: bytes) -> bytes | None:
         """Take the PROXY protocol header off the stream; the rest, if any, is HTTP."""
@@ -339,11 +344,12 @@ class HttpConnection(asyncio.Protocol):
             self.refuse(414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        size = self.header_bytes + len(name) + len(value) + 4
-        self.header_bytes = size
-        if size > self.proxy.max_header:
-            self.refuse(431)
+        # Header bytes are checked once complete (431); meanwhile feed() bounds them by the raw
+        # bytes read. Trailers count against the same limit, checked as they come.
+        self.header_bytes += len(name) + len(value) + 4
         if not self.in_headers:  # a trailer field (RFC 9112 7.1.2): never a header, dropped
+            if self.header_bytes > self.proxy.max_header:
+                self.refuse(431)
             return
         lower = name.lower()
         if lower not in _SPECIAL:
@@ -375,11 +381,19 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_headers = False
+        if self.header_bytes > self.proxy.max_header:
+            self.refuse(431)
         parser = self.parser
-        version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            self.refuse(505)
-        self.http10 = http10 = version == "1.0"
+        # The parser takes 0.9, 1.0, 1.1 and 2.0 only, and keeps alive by default only 1.1:
+        # that skips get_http_version() (which builds a string) for most requests.
+        self.keep_alive = keep_alive = parser.should_keep_alive()
+        if keep_alive and not self.ka:
+            self.http10 = http10 = False
+        else:
+            version = parser.get_http_version()
+            if version != "1.1" and version != "1.0":
+                self.refuse(505)
+            self.http10 = http10 = version == "1.0"
         if parser.should_upgrade():  # Upgrade, CONNECT
             self.refuse(501)
         if self.hosts != 1:
@@ -390,7 +404,7 @@ class HttpConnection(asyncio.Protocol):
                 self.refuse(400)
             self.proxy.remember_host(self.host)
         self.method = method = parser.get_method()
-        if self.url[:1] != b"/" and not (self.url == b"*" and method == b"OPTIONS"):
+        if self.url[0] != 47 and not (self.url == b"*" and method == b"OPTIONS"):
             url = origin_form(self.url)
             if url is None:
                 self.refuse(400)
@@ -451,7 +465,7 @@ class HttpConnection(asyncio.Protocol):
             body = b""
         request = (
             self.t0, self.method, self.url, self.headers, body, self.xff,
-            self.parser.should_keep_alive() and not self.proxy.draining, self.ka, self.verdict, self.encoding,
+            self.keep_alive and not self.proxy.draining, self.ka, self.verdict, self.encoding,
         )
         if self.busy or self.queue:
             self.queue.append(request)
@@ -470,9 +484,9 @@ class HttpConnection(asyncio.Protocol):
         self.busy = True
         if proxy.access_log:
             self.request_line = (method, url)
-        status = verdict or (proxy.openrtb and proxy.screen_body(body, encoding)) or proxy.admit()
-        if status:
-            self.answer(status)
+        status = verdict or (proxy.openrtb and proxy.screen_body(body, encoding))
+        if status or proxy.in_flight >= proxy.max_in_flight:  # proxy.admit(), inlined
+            self.answer(status or proxy.admit())
             return
         self.deadline = deadline = t0 + proxy.budget
         if self.loop.time() >= deadline:
