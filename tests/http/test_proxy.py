@@ -483,3 +483,13 @@ async def test_request_bodies_share_a_per_worker_budget(gateway, bidder):
     assert status == 503 and proxy.buffered == 900
     writer.close()
     await eventually(lambda: proxy.buffered == 0, what="the budget given back")
+
+
+async def test_a_body_still_arriving_when_the_budget_is_spent_is_cut_off(gateway, bidder):
+    host, port, proxy = await gateway([bidder.url], budget_ms=50, request_timeout_s=30)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)  # the rest never comes
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert data == b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
+    assert proxy.stats.timeout == 1 and not bidder.seen and proxy.buffered == 0
