@@ -83,13 +83,20 @@ def cli() -> None:
         help="Close keep-alive connections idle this long.")
 @option("--request-timeout-s", default=5.0, show_default=True, type=click.FloatRange(min=0.01),
         help="A begun request must be fully received within this (else 408).")
+@option("--proxy-protocol", is_flag=True,
+        help="Connections from --trusted-proxy peers start with a PROXY protocol v1/v2 header (required from them).")
+@option("--retry-non-idempotent", is_flag=True,
+        help="Resend a POST whose reused upstream connection died before answering (it may run twice).")
 @option("--access-log", is_flag=True, help="Log every request.")
 @option("--json-logs", is_flag=True, help="Log JSON lines.")
 def serve(kafka: KafkaConfig, upstreams: tuple[str, ...], trusted_proxies: tuple[str, ...], **settings: Any) -> None:
     """Run the gateway: follow the view, block blacklisted clients, forward the rest."""
-    from .server import run
+    from .server import ListenError, run
 
-    run(ServeConfig(kafka=kafka, upstreams=upstreams, trusted_proxies=trusted_proxies, **settings))
+    try:
+        run(ServeConfig(kafka=kafka, upstreams=upstreams, trusted_proxies=trusted_proxies, **settings))
+    except ListenError as exc:  # one line, non-zero exit, before any worker exists
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command()

@@ -1,18 +1,26 @@
 """`gateway serve`: a supervisor process and N worker processes sharing the proxy port.
 
-Each worker binds the listen address itself with SO_REUSEPORT (the kernel spreads
-connections), runs uvloop, its own follower of the view and the proxy. The supervisor
-binds the same address first without listening: that fails early when the address is
-taken, fixes the port when 0 is asked, and never receives a connection. It runs the admin
-listener with its own follower (gateway/control/admin.py), gathers the workers' metrics, restarts
-a worker that dies, and on SIGTERM or SIGINT tells every worker to drain: stop accepting,
-close idle keep-alive connections, answer what is in flight (with `Connection: close`),
-then exit.
+The supervisor binds and listens on the proxy address and the admin address before it
+forks anything: a taken address fails at once, with one line and a non-zero exit, and no
+worker is left behind. There is one listening socket, inherited by the workers, which all
+accept on it; no SO_REUSEPORT, so no other process can join the port (a second `gateway
+serve` on it fails with "address already in use" instead of taking part of the traffic).
+Workers die with the supervisor: each asks the kernel for SIGKILL when its parent dies
+(PR_SET_PDEATHSIG) and checks the parent is still the one that forked it, so no orphan
+ever serves with a view nobody administers.
+
+Each worker runs uvloop, its own follower of the view and the proxy. The supervisor runs
+the admin listener with its own follower (gateway/control/admin.py), gathers the workers'
+metrics, restarts a worker that dies, and on SIGTERM or SIGINT tells every worker to
+drain: stop accepting, close idle keep-alive connections, answer what is in flight (with
+`Connection: close`), then exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import logging
 import multiprocessing
 import os
@@ -24,12 +32,14 @@ from multiprocessing.process import BaseProcess
 import uvloop
 
 from .blacklist.ranges import RangeSet
-from .control.admin import make_admin_app, start_admin
+from aiohttp import web
+
+from .control.admin import make_admin_app
 from .control.logs import setup_logging
 from .control.metrics import Flusher, Metrics, multiprocess_dir, worker_exited
 from .control.progress import WorkerProgress
 from .http.config import ServeConfig
-from .http.proxy import Proxy, Stats
+from .http.proxy import ACCESS, Proxy, Stats
 from .kafka.follower import Follower
 from .kafka.publisher import LazyPublisher
 from .kafka.snapshot import keep_writing
@@ -39,33 +49,73 @@ log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = 1.0  # a worker that dies sooner than this after its start is restarted after a pause
 _FORK = multiprocessing.get_context("fork")
+_PR_SET_PDEATHSIG = 1
+
+
+class ListenError(Exception):
+    """A listener could not be opened; str() is the one line to show."""
 
 
 def run(config: ServeConfig) -> None:
-    """Serve until SIGTERM/SIGINT, then drain the workers and return (blocking)."""
+    """Serve until SIGTERM/SIGINT, then drain the workers and return (blocking).
+
+    Raises ListenError, before any worker exists, when an address cannot be listened on.
+    """
     setup_logging(json_lines=config.json_logs, access_log=config.access_log)
-    reservation = listen_socket(*config.listen)
-    port = reservation.getsockname()[1]
+    sock = listen_socket(*config.listen)
+    try:
+        admin_sock = listen_socket(*config.admin_listen)
+    except ListenError:
+        sock.close()
+        raise
     try:
         with multiprocess_dir():
-            supervisor = Supervisor(config, port)
-            supervisor.start_workers()  # forked before any event loop exists here
-            uvloop.run(supervisor.run())
+            supervisor = Supervisor(config, sock, admin_sock)
+            try:
+                supervisor.start_workers()  # forked before any event loop exists here
+                uvloop.run(supervisor.run())
+            finally:
+                supervisor.kill_workers()  # only left alive if the supervisor failed
     finally:
-        reservation.close()
+        sock.close()
+        admin_sock.close()
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port with SO_REUSEPORT (dual-stack when host is IPv6)."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    sock.bind(address)
+def listen_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
+    """A listening TCP socket on host:port (dual-stack when host is IPv6), or ListenError.
+
+    SO_REUSEADDR only lets a restart bind past connections in TIME_WAIT; on Linux it never
+    lets a second socket listen on a port already listened on.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc)).lower()
+        raise ListenError(f"cannot listen on {host}:{port}: {reason}") from None
+    sock.set_inheritable(True)
     return sock
+
+
+def die_with_parent(parent: int) -> None:
+    """In a worker: SIGKILL when the supervisor dies; exit now if it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the parent check below still runs
+        pass
+    if os.getppid() != parent:  # the supervisor died between the fork and the prctl
+        os._exit(1)
 
 
 def drain_timeout_s(config: ServeConfig) -> float:
@@ -76,9 +126,11 @@ def drain_timeout_s(config: ServeConfig) -> float:
 # -- the supervisor -----------------------------------------------------------------------------
 
 class Supervisor:
-    def __init__(self, config: ServeConfig, port: int) -> None:
+    def __init__(self, config: ServeConfig, sock: socket.socket, admin_sock: socket.socket) -> None:
         self.config = config
-        self.port = port
+        self.sock = sock
+        self.admin_sock = admin_sock
+        self.port = sock.getsockname()[1]
         self.progress = WorkerProgress(config.workers)
         self.workers: list[BaseProcess | None] = [None] * config.workers
         self.started: list[float] = [0.0] * config.workers
@@ -89,7 +141,8 @@ class Supervisor:
             self.start_worker(slot)
 
     def start_worker(self, slot: int) -> None:
-        process = _FORK.Process(target=worker_main, args=(slot, self.config, self.port, self.progress),
+        process = _FORK.Process(target=worker_main, args=(slot, self.config, self.sock, self.admin_sock.fileno(),
+                                                          os.getpid(), self.progress),
                                 name=f"gateway-worker-{slot}", daemon=False)
         process.start()
         self.workers[slot] = process
@@ -115,7 +168,9 @@ class Supervisor:
             tasks.append(asyncio.create_task(keep_writing(self.config.snapshot, follower, self.config.kafka)))
         app = make_admin_app(self.config, follower, publisher, progress=self.progress,
                              registry=metrics.registry, baseline=baseline)
-        admin = await start_admin(app, *self.config.admin_listen, access_log=self.config.access_log)
+        admin = web.AppRunner(app, access_log=ACCESS if self.config.access_log else None, handle_signals=False)
+        await admin.setup()
+        await web.SockSite(admin, self.admin_sock).start()
         log.info("serving", extra={"listen": f"{self.config.listen[0]}:{self.port}", "workers": self.config.workers,
                                    "admin": "%s:%d" % self.config.admin_listen})
         try:
@@ -151,6 +206,14 @@ class Supervisor:
         self.start_worker(slot)
         asyncio.get_running_loop().add_reader(self.workers[slot].sentinel, self._exited, slot)
 
+    def kill_workers(self) -> None:
+        """SIGKILL every worker still alive (the supervisor is failing, not draining)."""
+        self.stopping = True
+        for process in self.workers:
+            if process is not None and process.exitcode is None:
+                process.kill()
+                process.join()
+
     async def stop_workers(self) -> None:
         """SIGTERM every worker and wait for them to drain; kill those that do not in time."""
         self.stopping = True
@@ -180,18 +243,22 @@ def start_follower(config: ServeConfig) -> tuple[Follower, float | None]:
 
 # -- a worker -----------------------------------------------------------------------------------
 
-def worker_main(slot: int, config: ServeConfig, port: int, progress: WorkerProgress) -> None:
+def worker_main(slot: int, config: ServeConfig, sock: socket.socket, admin_fd: int, parent: int,
+                progress: WorkerProgress) -> None:
     """Entry of a forked worker process."""
+    die_with_parent(parent)
+    os.close(admin_fd)  # the supervisor's listener: a worker must never hold the admin port
     # A worker restarted by the running supervisor is forked from inside its event loop.
     asyncio.events._set_running_loop(None)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
     setup_logging(json_lines=config.json_logs, access_log=config.access_log)
-    uvloop.run(serve_worker(slot, config, port, progress))
+    uvloop.run(serve_worker(slot, config, sock, progress))
 
 
-async def serve_worker(slot: int, config: ServeConfig, port: int, progress: WorkerProgress | None = None) -> None:
-    """Follow the view and proxy on host:port until SIGTERM/SIGINT, then drain."""
+async def serve_worker(slot: int, config: ServeConfig, sock: socket.socket,
+                       progress: WorkerProgress | None = None) -> None:
+    """Follow the view and proxy on the inherited listening socket until SIGTERM/SIGINT, then drain."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -205,7 +272,6 @@ async def serve_worker(slot: int, config: ServeConfig, port: int, progress: Work
     ]
     if progress is not None:
         tasks.append(asyncio.create_task(progress.report(slot, follower)))
-    sock = listen_socket(config.listen[0], port)
     server = await proxy.serve(sock)
     try:
         await stop.wait()

@@ -320,6 +320,9 @@ def compose_problems(root: click.Command, compose: dict, haproxy_cfg: str, prome
             problems.append(f"haproxy {backend}/{server}: port {port} is neither --listen nor --admin-listen of {host}")
         if port == listen_port(host):
             behind_lb.add(host)
+            sends_proxy = any(f"server {server} " in line and "send-proxy" in line for line in haproxy_cfg.splitlines())
+            if sends_proxy != ("--proxy-protocol" in serve[host].argv):
+                problems.append(f"haproxy {backend}/{server}: send-proxy and {host}'s --proxy-protocol disagree")
         if (check or port) != listen_port(host, "--admin-listen"):
             problems.append(f"haproxy {backend}/{server}: health check port {check or port} is not {host}'s admin port")
     if behind_lb != set(serve):
@@ -428,6 +431,8 @@ def test_compose_checker_finds_unknown_env_and_lb_mismatch(cli: click.Command, c
     assert any("GATEWAY_NO_SUCH_FLAG" in p for p in compose_problems(cli, broken, haproxy_cfg, prometheus, dockerfile))
     bad_lb = haproxy_cfg.replace("server gateway-b gateway-b:8080", "server gateway-b gateway-b:8090")
     assert any("port 8090" in p for p in compose_problems(cli, compose, bad_lb, prometheus, dockerfile))
+    no_proxy_protocol = haproxy_cfg.replace("gateway-a:8080 check port 8081 send-proxy-v2", "gateway-a:8080 check port 8081")
+    assert any("--proxy-protocol disagree" in p for p in compose_problems(cli, compose, no_proxy_protocol, prometheus, dockerfile))
     bad_prom = copy.deepcopy(prometheus)
     bad_prom["scrape_configs"][0]["static_configs"][0]["targets"] = ["gateway-a:8080"]
     problems = compose_problems(cli, compose, haproxy_cfg, bad_prom, dockerfile)

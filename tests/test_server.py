@@ -144,7 +144,8 @@ async def test_not_ready_until_bootstrapped_answers_503_with_retry_after(topic_n
             assert gateway.wait(10) == 0
 
 
-async def test_hanging_upstream_gets_timeout_status_within_budget(kafka_bootstrap, topic_names, tmp_path):
+async def test_hanging_upstream_gets_timeout_status(kafka_bootstrap, topic_names, tmp_path):
+    """Outcomes only (status, counter): the budget's figures are measured in bench/proxy.py."""
     hung = socket.socket()
     hung.bind(("127.0.0.1", 0))
     hung.listen()  # accepts (in the backlog), never answers
@@ -153,14 +154,17 @@ async def test_hanging_upstream_gets_timeout_status_within_budget(kafka_bootstra
         with process(serve_args(kafka_bootstrap, topic_names, [f"http://127.0.0.1:{hung.getsockname()[1]}"],
                                 port, admin, "--budget-ms", "50"), tmp_path, "gateway"):
             await wait_status(f"http://127.0.0.1:{admin}/readyz")
-            elapsed = []
             for _ in range(3):
-                start = time.perf_counter()
-                status, _, body = await request(port)
-                elapsed.append(time.perf_counter() - start)
-                assert (status, body) == (204, b"")
-            # Client-side time includes connect; the budget runs from the first request byte.
-            assert min(elapsed) < 0.055, elapsed
+                assert (await request(port))[::2] == (204, b"")
+
+            async def counted() -> bool:
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(f"http://127.0.0.1:{admin}/metrics") as response:
+                        text = await response.text()
+                return any(line.startswith("gateway_requests_total") and 'outcome="timeout"' in line
+                           and float(line.split()[-1]) >= 3 for line in text.splitlines())
+
+            await eventually(counted, what="3 timeouts in /metrics")
     finally:
         hung.close()
 
@@ -207,3 +211,58 @@ async def test_a_killed_worker_is_replaced(kafka_bootstrap, topic_names, tmp_pat
 def children(pid: int) -> list[int]:
     """Child processes (the workers), not threads."""
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+# -- process safety -----------------------------------------------------------------------------
+
+def gateway_cmd(port: int, admin: int, *extra: str) -> list[str]:
+    dead_broker = f"127.0.0.1:{free_port()}"  # no broker needed: listening comes first
+    return [sys.executable, "-m", "gateway", "serve", "--kafka", dead_broker, "--upstream", "http://127.0.0.1:9",
+            "--listen", f"[::]:{port}", "--admin-listen", f"127.0.0.1:{admin}", *extra]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+async def test_a_second_serve_on_a_busy_port_fails_at_once_with_one_line(tmp_path):
+    port, admin = free_port(), free_port()
+    with process(gateway_cmd(port, admin)[3:], tmp_path, "first"):
+        await wait_status(f"http://127.0.0.1:{admin}/readyz", 503)
+        second = subprocess.run(gateway_cmd(port, free_port()), capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0
+        lines = (second.stdout + second.stderr).strip().splitlines()
+        assert len(lines) == 1 and "address already in use" in lines[0], lines
+        # The first one still owns every connection.
+        assert (await request(port))[0] == 503
+
+
+async def test_a_busy_admin_port_makes_serve_exit_at_once_with_one_line(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = free_port()
+    try:
+        done = subprocess.run(gateway_cmd(port, busy.getsockname()[1]), capture_output=True, text=True, timeout=60)
+    finally:
+        busy.close()
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1 and "address already in use" in lines[0], lines
+    with pytest.raises(OSError):  # nothing serves the proxy port either
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+async def test_workers_die_with_a_killed_supervisor(tmp_path):
+    port, admin = free_port(), free_port()
+    with process(gateway_cmd(port, admin, "--workers", "2")[3:], tmp_path, "gateway") as gateway:
+        await wait_status(f"http://127.0.0.1:{admin}/readyz", 503)
+        workers = await eventually(lambda: len(children(gateway.pid)) == 2 and children(gateway.pid))
+        gateway.kill()  # SIGKILL: no chance to drain anything
+        gateway.wait(10)
+        await eventually(lambda: not any(alive(pid) for pid in workers), timeout=10, what="the workers to die")
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()

@@ -20,13 +20,15 @@ def canonical(text: str) -> str | None:
     """The canonical text of an address (IPv4 for IPv4-mapped), or None if it is none.
 
     Accepts the forms proxies write in X-Forwarded-For: `a.b.c.d`, `a.b.c.d:port`,
-    `v6`, `[v6]` and `[v6]:port`.
+    `v6`, `[v6]` and `[v6]:port`. A zone id (`fe80::1%eth0`) names a local link, not
+    another address: it is dropped, so the index (which would raise on it) sees the address.
     """
     text = text.strip()
     if text.startswith("["):
         text = text[1 : text.find("]")] if "]" in text else ""
     elif text.count(":") == 1:
         text = text.partition(":")[0]
+    text = text.partition("%")[0]
     try:
         address = ipaddress.ip_address(text)
     except ValueError:

@@ -27,5 +27,10 @@ class ServeConfig:
     max_in_flight: int = 512
     idle_timeout_s: float = 30.0
     request_timeout_s: float = 5.0  # a begun request must be fully received within this
+    proxy_protocol: bool = False  # trusted peers must start with a PROXY v1/v2 header
+    retry_non_idempotent: bool = False  # resend a POST whose reused connection died (may duplicate it)
+    max_connections: int = 4096  # per worker; more are closed at accept (nginx worker_connections)
+    max_buffered_bytes: int = 64 << 20  # per worker: request bodies being gathered, all connections
+    max_response_header_bytes: int = 16 << 10  # upstream response head; larger: 502
     access_log: bool = False
     json_logs: bool = False

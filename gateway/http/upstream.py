@@ -5,7 +5,9 @@ hands a request to an `UpstreamConnection`, whose parser calls the exchange back
 the whole response (bidder answers are small; buffering lets the proxy still answer
 with the timeout status if the deadline passes mid-response). A connection goes back
 to the pool only after a complete response the upstream allowed to keep alive;
-anything else (error, timeout, HEAD, read-until-close) closes it.
+anything else (error, timeout, HEAD, read-until-close) closes it. The response head
+is bounded (`max_response_header_bytes`, else BROKEN: 502) and trailer fields are
+dropped: they never become response headers.
 
 Several upstreams: least in flight, rotating among ties; a connect failure or a run of
 failures ejects an upstream for a while, after which it is tried again.
@@ -33,6 +35,10 @@ CONNECT = 1  # could not connect: the upstream is down; eject it at once
 STALE = 2  # a reused keep-alive connection died before any response byte: not its fault
 BROKEN = 3  # broken or unparsable response, or too large: counts toward ejection
 TIMEOUT = 4  # the deadline passed first: counts toward ejection
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop reading a response already failed."""
 
 
 class Exchange(Protocol):
@@ -86,6 +92,7 @@ class Pool:
         max_idle_s: float = 4.0,
         max_idle_per_upstream: int = 512,
         max_response_bytes: int = 16 << 20,
+        max_response_header_bytes: int = 16 << 10,
         eject_s: float = 2.0,
         max_fails: int = 3,
     ) -> None:
@@ -96,6 +103,7 @@ class Pool:
         self.max_idle_s = max_idle_s  # below common server keep-alive timeouts (5 s and up)
         self.max_idle_per_upstream = max_idle_per_upstream
         self.max_response_bytes = max_response_bytes
+        self.max_response_header_bytes = max_response_header_bytes
         self.eject_s = eject_s
         self.max_fails = max_fails
         self._turn = 0
@@ -172,7 +180,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "pool", "upstream", "transport", "parser", "exchange", "reused", "received",
-        "headers", "body", "size", "framed", "head_only", "idle_since", "status",
+        "headers", "body", "size", "framed", "head_only", "idle_since", "status", "in_head", "head_bytes", "head_raw",
     )
 
     def __init__(self, pool: Pool, upstream: Upstream) -> None:
@@ -190,6 +198,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_only = False
         self.idle_since = 0.0
         self.status = 0
+        self.in_head = False
+        self.head_bytes = 0
+        self.head_raw = 0
 
     # -- driven by the pool and the proxy --------------------------------------------
     def send(self, exchange: Exchange, reused: bool = True) -> None:
@@ -231,6 +242,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._fail(BROKEN)
+            return
+        if self.in_head:  # a partial header line is held by the parser: bound it too
+            self.head_raw += len(data)
+            if self.head_raw > 2 * self.pool.max_response_header_bytes:
+                self._fail(BROKEN)
 
     def eof_received(self) -> bool:
         return False
@@ -258,8 +274,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.framed = False
         self.head_only = self.exchange.is_head
         self.status = 0
+        self.in_head = True
+        self.head_bytes = self.head_raw = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.pool.max_response_header_bytes:
+            self._fail(BROKEN)
+            raise _Stop
+        if not self.in_head:  # a trailer field: never a response header
+            return
         lower = name.lower()
         if lower in HOP_BY_HOP:
             if lower == b"content-length" or lower == b"transfer-encoding":
@@ -270,6 +294,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers.append(b"%s: %s\r\n" % (name, value))
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_bytes = 0  # trailers get a budget of their own
         status = self.parser.get_status_code()
         if status < 200:  # interim (100 Continue, 103): wait for the final response
             return

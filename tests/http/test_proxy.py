@@ -9,145 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
-import time
-from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import pytest
 from aiohttp import web
-from helpers import free_port
-
-from gateway.blacklist.addresses import parse_address
-from gateway.blacklist.index import Index
-from gateway.http.config import ServeConfig
-from gateway.http.proxy import Proxy
-from gateway.kafka.config import KafkaConfig
-
-
-def ranges(*cidr_pairs: tuple[str, str]) -> Index:
-    out = []
-    for first, last in cidr_pairs:
-        version, start = parse_address(first)
-        out.append((version, start, parse_address(last)[1]))
-    return Index.build(sorted(out))
-
-
-@dataclass
-class Bidder:
-    """A real aiohttp upstream that records what it received."""
-
-    port: int
-    seen: list = field(default_factory=list)
-    peers: set = field(default_factory=set)
-    runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-async def start_bidder(handler=None, port: int = 0) -> Bidder:
-    bidder = Bidder(port=0)
-
-    async def record(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        bidder.seen.append(SimpleNamespace(
-            method=request.method, path=request.path_qs, raw_headers=request.raw_headers, body=body))
-        bidder.peers.add(request.transport.get_extra_info("peername")[1])
-        if handler is not None:
-            return await handler(request, body)
-        return web.Response(body=b"bid:" + body, headers={"X-Bidder": "yes"})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", record)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
-    await site.start()
-    bidder.runner = runner
-    bidder.port = site._server.sockets[0].getsockname()[1]
-    return bidder
-
-
-
-@pytest.fixture
-async def bidder():
-    b = await start_bidder()
-    yield b
-    await b.runner.cleanup()
-
-
-@pytest.fixture
-async def hanging():
-    """URL of an upstream that accepts and reads requests but never answers."""
-    writers = []
-
-    async def hang(reader, writer):
-        writers.append(writer)
-        await reader.read()
-
-    server = await asyncio.start_server(hang, "127.0.0.1", 0)
-    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    server.close()
-    for writer in writers:
-        writer.transport.abort()
-
-
-@pytest.fixture
-async def gateway():
-    """Factory: start a Proxy on a loopback socket; returns (host, port, proxy)."""
-    started = []
-
-    async def start(upstreams, index=None, ready=True, host="127.0.0.1", **settings):
-        config = ServeConfig(kafka=KafkaConfig("unused:9092"), upstreams=tuple(upstreams), **settings)
-        view = SimpleNamespace(index=index or Index.build([]), ready=ready)
-        proxy = Proxy(config, view)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, 0))
-        sock.listen()
-        server = await proxy.serve(sock)
-        started.append((server, proxy))
-        return host, sock.getsockname()[1], proxy
-
-    yield start
-    for server, proxy in started:
-        server.close()
-        await proxy.drain(0.1)
-
-
-async def exchange(host, port, data: bytes, local=None, responses=1, timeout=5.0) -> list[tuple[int, dict, bytes, bytes]]:
-    """Send raw bytes; read `responses` responses: (status, lower-cased headers, body, raw head)."""
-    reader, writer = await asyncio.open_connection(host, port, local_addr=(local, 0) if local else None)
-    try:
-        writer.write(data)
-        return [await asyncio.wait_for(read_response(reader), timeout) for _ in range(responses)]
-    finally:
-        writer.close()
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict, bytes, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    if status == 100:
-        return await read_response(reader)
-    length = int(headers.get("content-length", 0))
-    body = await reader.readexactly(length)
-    return status, headers, body, head
-
-
-def get(path="/", headers="", body=b"", method=b"GET") -> bytes:
-    length = f"Content-Length: {len(body)}\r\n" if body else ""
-    return f"{method.decode()} {path} HTTP/1.1\r\nHost: gw\r\n{headers}{length}\r\n".encode() + body
+from helpers import eventually, free_port
+from proxyrig import exchange, get, ranges, read_response, start_bidder
 
 
 # -- blocking ----------------------------------------------------------------------------
@@ -303,30 +169,23 @@ async def test_head_request_keeps_upstream_length_without_body(gateway, bidder):
 
 # -- budget and upstream failures ------------------------------------------------------------
 
-async def timed(host, port, data):
-    start = time.perf_counter()
-    [(status, _, body, _)] = await exchange(host, port, data)
-    return status, body, time.perf_counter() - start
-
-
 @pytest.mark.parametrize("timeout_status", [204, 504])
-async def test_hanging_upstream_answers_timeout_status_within_budget(gateway, hanging, timeout_status):
-    host, port, proxy = await gateway([hanging], budget_ms=50, timeout_status=timeout_status)
-    results = [await timed(host, port, get()) for _ in range(3)]
-    assert {(status, body) for status, body, _ in results} == {(timeout_status, b"")}
-    elapsed = sorted(seconds for *_, seconds in results)
-    # Never before the budget; within budget + 5 ms (best of 3: one sample can lose the CPU).
-    assert elapsed[0] >= 0.050 and elapsed[0] < 0.055 and elapsed[-1] < 0.1, elapsed
-    assert proxy.stats.timeout == 3
+async def test_hanging_upstream_answers_timeout_status_and_abandons_it(gateway, hanging, timeout_status):
+    """Outcomes only: the figures (budget + 5 ms) are measured in bench/, never asserted here."""
+    host, port, proxy = await gateway([hanging.url], budget_ms=50, timeout_status=timeout_status)
+    results = [await exchange(host, port, get()) for _ in range(3)]
+    assert [(status, body) for [(status, _, body, _)] in results] == [(timeout_status, b"")] * 3
+    assert proxy.stats.timeout == 3 and proxy.in_flight == 0
+    await eventually(lambda: hanging.abandoned == 3, what="the gateway to close the hung upstream connections")
 
 
-async def test_down_upstream_answers_error_status_at_once(gateway):
-    host, port, _ = await gateway([f"http://127.0.0.1:{free_port()}"])
-    status, _, elapsed = await timed(host, port, get())
-    assert status == 502 and elapsed < 0.02
-    host, port, _ = await gateway([f"http://127.0.0.1:{free_port()}"], openrtb=True)
-    status, _, elapsed = await timed(host, port, get())
-    assert status == 204 and elapsed < 0.02
+async def test_down_upstream_answers_error_status_without_waiting_for_the_budget(gateway):
+    # A 10 s budget: an answer within exchange()'s 5 s shows the failure was not waited out.
+    host, port, proxy = await gateway([f"http://127.0.0.1:{free_port()}"], budget_ms=10_000)
+    assert (await exchange(host, port, get()))[0][0] == 502
+    assert proxy.stats.upstream_error == 1 and proxy.pool.upstreams[0].ejected_until > 0
+    host, port, _ = await gateway([f"http://127.0.0.1:{free_port()}"], openrtb=True, budget_ms=10_000)
+    assert (await exchange(host, port, get()))[0][0] == 204
 
 
 async def test_upstream_breaking_mid_response_is_an_upstream_error(gateway):
@@ -411,14 +270,14 @@ async def test_headers_too_large_get_431(gateway, bidder):
 
 
 async def test_requests_beyond_max_in_flight_are_shed_at_once(gateway, hanging):
-    host, port, proxy = await gateway([hanging], budget_ms=300, max_in_flight=2)
-    waiting = [asyncio.create_task(timed(host, port, get())) for _ in range(2)]
-    while proxy.in_flight < 2:
-        await asyncio.sleep(0.001)
-    status, _, elapsed = await timed(host, port, get())
-    assert status == 503 and elapsed < 0.05  # at once, not after the 300 ms budget
-    assert [(await w)[0] for w in waiting] == [204, 204]
+    host, port, proxy = await gateway([hanging.url], budget_ms=10_000, max_in_flight=2)
+    waiting = [asyncio.create_task(exchange(host, port, get())) for _ in range(2)]
+    await eventually(lambda: proxy.in_flight == 2, what="two requests in flight")
+    assert (await exchange(host, port, get()))[0][0] == 503
+    assert not any(w.done() for w in waiting)  # shed while the others still wait their 10 s budget
     assert proxy.stats.shed == 1
+    for w in waiting:
+        w.cancel()
 
 
 async def test_not_ready_answers_503_with_retry_after(gateway, bidder):
@@ -457,3 +316,180 @@ async def test_access_log_when_switched_on(gateway, bidder, caplog):
     records = [r for r in caplog.records if r.name == "gateway.access"]
     assert [(r.getMessage(), r.peer, r.status) for r in records] == [
         ("GET /a?b=1 403", "127.0.0.2", 403), ("GET /c 200", "127.0.0.1", 200)]
+
+
+# -- hardening (issue 11) --------------------------------------------------------------------
+
+async def test_least_in_flight_sends_nothing_to_a_busy_upstream(gateway, hanging, bidder):
+    """With one request hung on upstream A, every later one goes to B (round-robin would send half to A)."""
+    host, port, proxy = await gateway([hanging.url, bidder.url], budget_ms=10_000)
+    pending = []
+    while hanging.received == 0:  # until one request sits on the hung upstream
+        task = asyncio.create_task(exchange(host, port, get()))
+        pending.append(task)
+        await eventually(lambda: task.done() or hanging.received, what="a request answered by B or hung on A")
+    results = [await exchange(host, port, get()) for _ in range(10)]
+    assert [status for [(status, *_)] in results] == [200] * 10
+    assert hanging.received == 1
+    for task in pending:
+        task.cancel()
+
+
+async def test_non_default_reject_status(gateway, bidder):
+    host, port, proxy = await gateway([bidder.url], ranges(("127.0.0.2", "127.0.0.2")), reject_status=451)
+    [(status, headers, body, _)] = await exchange(host, port, get(), local="127.0.0.2")
+    assert (status, body) == (451, b"") and not bidder.seen and proxy.stats.blocked == 1
+
+
+async def test_a_post_is_never_sent_twice(gateway):
+    """A reused upstream connection that takes a request and closes without a word: a GET is
+    sent again on a fresh connection, a POST is not (the upstream may have acted on it) unless
+    the operator allows it."""
+    seen = []
+
+    async def take_second_then_close(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head.split(b" ")[0])
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head.split(b" ")[0])
+        writer.transport.abort()
+
+    server = await asyncio.start_server(take_second_then_close, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        for retry, expected in ((False, 502), (True, 200)):
+            host, port, proxy = await gateway([url], retry_non_idempotent=retry)
+            seen.clear()
+            post = get(body=b"bid", method=b"POST")
+            results = await exchange(host, port, get() + post, responses=2)
+            assert [r[0] for r in results] == [200, expected]
+            assert seen == ([b"GET", b"POST"] if not retry else [b"GET", b"POST", b"POST"])
+        host, port, _ = await gateway([url])
+        seen.clear()
+        results = await exchange(host, port, get() * 2, responses=2)
+        assert [r[0] for r in results] == [200, 200] and seen == [b"GET", b"GET", b"GET"]
+    finally:
+        server.close()
+
+
+OPENRTB_UNREADABLE = {
+    "invalid UTF-8": b'{"device": {"ip": "198.51.100.1"}, "x": "\xff"}',
+    "duplicate key": b'{"device": {"ip": "192.0.2.7", "ip": "198.51.100.1"}}',  # json keeps the last
+    "case-variant key": b'{"device": {"ip": "198.51.100.1"}, "Device": {"IP": "192.0.2.7"}}',
+    "trailing data": b'{"device": {"ip": "198.51.100.1"}} {"device": {"ip": "192.0.2.7"}}',
+    "huge integer": b'{"device": {"ip": "198.51.100.1"}, "n": ' + b"9" * 4300 + b"}",
+    "NaN": b'{"device": {"ip": "198.51.100.1"}, "bidfloor": NaN}',
+    "too deep": b'{"device": {"ip": "198.51.100.1"}, "x": ' + b"[" * 40 + b"]" * 40 + b"}",
+    "device not an object": b'{"device": "192.0.2.7"}',
+    "ip not an address": b'{"device": {"ip": "192.0.2.7x"}}',
+}
+
+
+@pytest.mark.parametrize("body", OPENRTB_UNREADABLE.values(), ids=OPENRTB_UNREADABLE.keys())
+async def test_openrtb_fails_closed_on_bodies_a_bidder_could_read_otherwise(gateway, bidder, body):
+    host, port, _ = await gateway([bidder.url], ranges(("192.0.2.0", "192.0.2.255")), openrtb=True)
+    [(status, _, payload, _)] = await exchange(host, port, get("/bid", body=body, method=b"POST"))
+    assert (status, payload) == (204, b"") and not bidder.seen
+
+
+async def test_openrtb_reads_case_variants_zone_ids_and_gzip_like_a_bidder(gateway, bidder):
+    import gzip
+
+    index = ranges(("192.0.2.0", "192.0.2.255"), ("fe80::", "fe80::ffff"))
+    host, port, _ = await gateway([bidder.url], index, openrtb=True, trusted_proxies=("127.0.0.1/32",))
+    blocked = [
+        get("/bid", body=b'{"Device": {"IP": "192.0.2.7"}}', method=b"POST"),
+        get("/bid", body=b'{"device": {"ipv6": "fe80::1%eth0"}}', method=b"POST"),
+        get("/bid", headers="Content-Encoding: gzip\r\n", body=gzip.compress(b'{"device": {"ip": "192.0.2.7"}}'),
+            method=b"POST"),
+        get("/bid", headers="Content-Encoding: br\r\n", body=b'{"device": {"ip": "198.51.100.1"}}', method=b"POST"),
+        get("/bid", headers="X-Forwarded-For: fe80::2%eth0\r\n"),
+    ]
+    for request in blocked:
+        [(status, *_)] = await exchange(host, port, request)
+        assert status == 204, request
+    allowed = gzip.compress(b'{"device": {"ipv6": "2001:db8::1%eth0"}}')
+    [(status, *_)] = await exchange(host, port, get("/bid", headers="Content-Encoding: gzip\r\n", body=allowed,
+                                                    method=b"POST"))
+    assert status == 200 and len(bidder.seen) == 1
+
+
+def proxy_v2(source: str, dest: str = "127.0.0.1", local: bool = False) -> bytes:
+    import socket as s
+    import struct
+
+    body = s.inet_aton(source) + s.inet_aton(dest) + struct.pack("!HH", 40000, 8080)
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20 if local else 0x21, 0x11]) + struct.pack("!H", len(body)) + body
+
+
+async def test_proxy_protocol_from_trusted_peers_only(gateway, bidder):
+    index = ranges(("192.0.2.0", "192.0.2.255"), ("127.0.0.2", "127.0.0.2"))
+    host, port, _ = await gateway([bidder.url], index, proxy_protocol=True, trusted_proxies=("127.0.0.1/32",))
+    v1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 8080\r\n"
+    assert (await exchange(host, port, v1 + get()))[0][0] == 403
+    assert (await exchange(host, port, proxy_v2("192.0.2.7") + get()))[0][0] == 403
+    assert (await exchange(host, port, proxy_v2("198.51.100.1") + get()))[0][0] == 200
+    assert bidder.seen[-1].raw_headers[-1] == (b"X-Forwarded-For", b"198.51.100.1")
+    assert (await exchange(host, port, b"PROXY UNKNOWN\r\n" + get()))[0][0] == 200  # the peer itself
+    assert (await exchange(host, port, proxy_v2("0.0.0.0", local=True) + get()))[0][0] == 200
+    # A trusted peer without the header is refused; an untrusted peer cannot send one.
+    assert (await exchange(host, port, get()))[0][0] == 400
+    assert (await exchange(host, port, b"PROXY TCP4 198.51.100.1 127.0.0.1 1 2\r\n" + get(),
+                           local="127.0.0.2"))[0][0] == 400
+    assert (await exchange(host, port, get(), local="127.0.0.2"))[0][0] == 403
+    assert len(bidder.seen) == 3
+
+
+async def test_one_byte_chunks_are_gathered_and_their_count_bounded(gateway, bidder):
+    from gateway.http.proxy import MAX_CHUNKS
+
+    host, port, _ = await gateway([bidder.url], max_body_bytes=1 << 20)
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    [(status, _, body, _)] = await exchange(host, port, head + b"1\r\nz\r\n" * 5000 + b"0\r\n\r\n")
+    assert (status, body) == (200, b"bid:" + b"z" * 5000)
+    [(status, *_)] = await exchange(host, port, head + b"1\r\nz\r\n" * (MAX_CHUNKS + 1) + b"0\r\n\r\n")
+    assert status == 400 and len(bidder.seen) == 1
+
+
+async def test_an_unfinished_header_line_is_bounded(gateway, bidder):
+    """One endless header line, never ended: refused once it passes the limit, not held."""
+    host, port, proxy = await gateway([bidder.url], max_header_bytes=1024)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Endless: " + b"a" * 20000)
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 431 ") and not bidder.seen
+
+
+async def test_connections_beyond_the_worker_bound_are_closed(gateway, bidder):
+    host, port, proxy = await gateway([bidder.url], max_connections=2)
+    held = [await asyncio.open_connection(host, port) for _ in range(2)]
+    await eventually(lambda: len(proxy.connections) == 2, what="two connections")
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(get())
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    for _, w in held:
+        w.close()
+
+
+async def test_request_bodies_share_a_per_worker_budget(gateway, bidder):
+    host, port, proxy = await gateway([bidder.url], max_buffered_bytes=1500, max_body_bytes=1000)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"a" * 900)
+    await eventually(lambda: proxy.buffered == 900, what="900 bytes gathered")
+    [(status, *_)] = await exchange(host, port, get(body=b"b" * 800, method=b"POST"))
+    assert status == 503 and proxy.buffered == 900
+    writer.close()
+    await eventually(lambda: proxy.buffered == 0, what="the budget given back")
+
+
+async def test_a_body_still_arriving_when_the_budget_is_spent_is_cut_off(gateway, bidder):
+    host, port, proxy = await gateway([bidder.url], budget_ms=50, request_timeout_s=30)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)  # the rest never comes
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert data == b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
+    assert proxy.stats.timeout == 1 and not bidder.seen and proxy.buffered == 0
