@@ -24,14 +24,17 @@ COMMANDS_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.polic
 RANGES_CONFIG = {"cleanup.policy": "compact"}
 
 
-def log_reader(bootstrap: str, client_id: str, *, fetch_max_wait_ms: int = 50) -> AIOKafkaConsumer:
+def log_reader(bootstrap: str, client_id: str, *, fetch_max_wait_ms: int = 50, reset: str = "earliest") -> AIOKafkaConsumer:
     """A consumer that reads whole topics by assignment (no group, no commits), committed
-    records only, in large fetches: what bootstrapping, recovery and replay need."""
+    records only, in large fetches: what bootstrapping, recovery and replay need.
+
+    `reset="none"`: a position out of the topic's range raises instead of jumping to its start
+    (a follower must notice a reset log, never read it on top of the old one)."""
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         client_id=client_id,
         enable_auto_commit=False,
-        auto_offset_reset="earliest",
+        auto_offset_reset=reset,
         isolation_level="read_committed",
         fetch_max_wait_ms=fetch_max_wait_ms,
         max_partition_fetch_bytes=16 << 20,
@@ -149,3 +152,18 @@ def header(headers: Iterable[tuple[str, bytes]], name: str) -> bytes | None:
         if key == name:
             return value
     return None
+
+
+async def true_end(consumer: AIOKafkaConsumer, tp: TopicPartition) -> tuple[int, int]:
+    """(first offset, true end offset) of a partition the consumer is assigned to; moves its position.
+
+    The end offset a broker reports may fall short of the last record + 1 (Tansu: the last
+    batch's base offset + 1), so the last batch is read to find where it really ends.
+    """
+    first = (await consumer.beginning_offsets([tp]))[tp]
+    end = (await consumer.end_offsets([tp]))[tp]
+    if end <= first:
+        return first, end
+    consumer.seek(tp, end - 1)
+    await read_to_end(consumer, [tp], lambda _tp, _records: None, end_offsets={tp: end})
+    return first, max(end, await consumer.position(tp))

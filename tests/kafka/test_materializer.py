@@ -2,12 +2,14 @@
 
 import asyncio
 import ipaddress
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -75,11 +77,15 @@ async def test_seed_commands_produce_exactly_the_design_records(kafka, read_topi
     task = await running(materializer)
     await eventually(lambda: materializer.applied == 2)
     await stopped(materializer, task)
-    records = [(r.key, r.value, dict(r.headers)) for r in await read_topic(kafka.ranges_topic)]
+    claim, *records = [(r.key, r.value, dict(r.headers)) for r in await read_topic(kafka.ranges_topic)]
+    assert claim[0] == b"__writer__" and claim[2] == {}
+    body = json.loads(claim[1])
+    assert body["commands_topic"] == kafka.commands_topic and uuid.UUID(body["log_id"])
+    writer = {"writer": b"0"}  # the claim's offset: the fencing token
     assert records == [
-        (b"10.0.0.0", b"10.0.0.255", {"command-offset": b"0", "last": b"1"}),
-        (b"10.0.0.101", b"10.0.0.255", {"command-offset": b"1"}),
-        (b"10.0.0.0", b"10.0.0.99", {"command-offset": b"1", "last": b"1"}),
+        (b"10.0.0.0", b"10.0.0.255", {**writer, "command-offset": b"0", "last": b"1"}),
+        (b"10.0.0.101", b"10.0.0.255", {**writer, "command-offset": b"1"}),
+        (b"10.0.0.0", b"10.0.0.99", {**writer, "command-offset": b"1", "last": b"1"}),
     ]
 
 
@@ -123,7 +129,7 @@ async def test_restart_repairs_a_half_written_command(kafka, read_view, read_top
     assert materializer.next_offset == 2 and materializer.applied == 0
     assert await read_view(kafka) == fold([parse_command("BLACKLIST 10.0.0.0/24"), parse_command("WHITELIST 10.0.0.100")])
     last = (await read_topic(kafka.ranges_topic))[-1]
-    assert (last.key, last.value, dict(last.headers)) == (b"10.0.0.0", b"10.0.0.99", {"command-offset": b"1", "last": b"1"})
+    assert (last.key, last.value, dict(last.headers)) == (b"10.0.0.0", b"10.0.0.99", {"writer": b"2", "command-offset": b"1", "last": b"1"})
 
 
 async def test_a_trailing_no_op_still_records_progress(kafka, read_view):
@@ -149,7 +155,8 @@ async def test_a_no_op_on_an_empty_view_is_still_marked_applied(kafka, read_topi
     await eventually(lambda: materializer.applied == 1)
     await stopped(materializer, task)
     marker = (await read_topic(kafka.ranges_topic))[-1]
-    assert (marker.key, marker.value, dict(marker.headers)) == (b"0.0.0.0", None, {"command-offset": b"0", "last": b"1"})
+    assert (marker.key, marker.value, dict(marker.headers)) == (
+        b"0.0.0.0", None, {"writer": b"0", "command-offset": b"0", "last": b"1"})
     assert len(await read_view(kafka)) == 0
 
 
