@@ -255,6 +255,11 @@ async def status(request: web.Request) -> web.Response:
         "seconds_since_contact": None if state.since_contact is None else round(state.since_contact, 3),
         "applied_command": state.applied_command,
         "poison_records": state.poison,
+        "stale_records": state.stale,
+        "unenforced_commands": state.unenforced_commands,
+        "log_id": state.log_id,
+        "writer_claim": state.claim_offset,
+        "static": state.static,
         "commands_topic": request.app[CONFIG].kafka.commands_topic,
         "ranges_topic": request.app[CONFIG].kafka.ranges_topic,
     }

@@ -153,6 +153,11 @@ class ViewState:
     since_contact: float | None
     applied_command: int | None
     poison: int
+    stale: int = 0  # view records of a fenced writer skipped
+    unenforced_commands: int | None = None  # commands in the log this view does not reflect yet
+    static: str | None = None  # why the view is held static on a reset or foreign log
+    log_id: str | None = None
+    claim_offset: int | None = None
 
 
 def view_state(follower: Any, baseline: float | None = None) -> ViewState:
@@ -179,6 +184,11 @@ def view_state(follower: Any, baseline: float | None = None) -> ViewState:
         since_contact=since_contact,
         applied_command=follower.applied_command,
         poison=follower.poison,
+        stale=getattr(follower, "stale", 0),
+        unenforced_commands=getattr(follower, "unenforced_commands", None),
+        static=getattr(follower, "static", None),
+        log_id=getattr(follower, "log_id", None),
+        claim_offset=claim.offset if (claim := getattr(follower, "claim", None)) is not None else None,
     )
 
 

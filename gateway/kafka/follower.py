@@ -189,7 +189,7 @@ class Follower:
             log.error("follower: holding the view static: %s. It keeps enforcing the last view it had; "
                       "adopt the new log with `gateway ctl adopt` (POST /admin/adopt) or `materialize --new-log`",
                       reason)
-        self.static = reason
+            self.static = reason
         self._pending.clear()
 
     async def _session(self) -> None:
