@@ -148,6 +148,7 @@ class Materializer(ConsumerRebalanceListener):
         self._lock = asyncio.Lock()
         self._must_recover = False
         self._retry_at = 0.0
+        self._topics_checked = time.monotonic()
         self._refold_from: int | None = None  # first command of a fold whose view write failed
         self._stopping = asyncio.Event()
         self._assignor = SingleWriterAssignor()
@@ -241,6 +242,11 @@ class Materializer(ConsumerRebalanceListener):
                     break
                 try:
                     batch = fetch.result()
+                    if not self.active and time.monotonic() >= self._topics_checked + 5.0:
+                        # Standing by: make sure the topics exist (a reset broker lost them; no client
+                        # auto-creates them), or no member is ever given a partition to take over.
+                        self._topics_checked = time.monotonic()
+                        await ensure_topics(self.kafka)
                     async with self._lock:  # a rebalance waits for it (the revoke callback takes the lock)
                         if self._must_recover and time.monotonic() >= self._retry_at:
                             await self._take_over(consumer, producer)
@@ -262,6 +268,7 @@ class Materializer(ConsumerRebalanceListener):
     async def _take_over(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
         """Become the writer: read the view, check it, claim, read up to the claim, repair, seek the commands."""
         started = time.monotonic()
+        await ensure_topics(self.kafka)  # a reset broker lost them: made as the design needs, never auto-created
         reader = log_reader(self.kafka.bootstrap, "gateway-materializer-recovery", fetch_max_wait_ms=20)
         await reader.start()
         try:

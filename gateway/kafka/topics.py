@@ -18,6 +18,27 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from ..blacklist.commands import Command, CommandError, parse_command
 from .config import KafkaConfig
 
+
+def _no_auto_create() -> None:
+    """Never let a client's metadata request create a topic (DESIGN, invariant 7 and issue 10).
+
+    aiokafka asks with allow_auto_topic_creation=true; a broker that honours it (Tansu, Kafka with
+    auto.create.topics.enable) would recreate a deleted or reset topic with its defaults (a commands
+    topic of 4 partitions) the moment a subscribed consumer refreshes its metadata. Topics are made
+    by ensure_topics only; a missing topic is an error a reader reports and retries.
+    """
+    import aiokafka.client
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    class NoAutoCreate(MetadataRequest):
+        def __init__(self, topics=None, allow_auto_topic_creation=False):
+            super().__init__(topics, allow_auto_topic_creation)
+
+    aiokafka.client.MetadataRequest = NoAutoCreate
+
+
+_no_auto_create()
+
 TOPIC_ALREADY_EXISTS = 36
 DEFAULT_DELETE_RETENTION_MS = 86_400_000  # Kafka's default when the topic does not set it
 COMMANDS_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
