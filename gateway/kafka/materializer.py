@@ -154,6 +154,9 @@ class Materializer(ConsumerRebalanceListener):
         self._assignor = SingleWriterAssignor()
         self._tail: asyncio.Task | None = None
         self._fenced_now = False  # our claim was superseded: not one more record is written
+        self._probe: AIOKafkaConsumer | None = None  # checks the log is still the one we write (per batch)
+        self._claim_value = b""
+        self._last_command: tuple[int, int] | None = None  # (offset, timestamp) of the last command folded
         self._rejoin = False  # leave and rejoin the group without a claim
 
     @property
@@ -190,6 +193,9 @@ class Materializer(ConsumerRebalanceListener):
         if tail is not None and tail is not asyncio.current_task():
             tail.cancel()
             await asyncio.gather(tail, return_exceptions=True)
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            await probe.stop()
 
     # -- main loop --------------------------------------------------------------------
 
@@ -294,7 +300,8 @@ class Materializer(ConsumerRebalanceListener):
                 new_log=self.new_log or (previous is not None and previous.new_log),
                 refold=self.refold,
             )
-            sent = await producer.send_and_wait(self._ranges.topic, claim.value(), key=CLAIM_KEY, partition=0)
+            self._claim_value = claim.value()
+            sent = await producer.send_and_wait(self._ranges.topic, self._claim_value, key=CLAIM_KEY, partition=0)
             await self._read_on(reader, loader, until=sent.offset + 1)
             claim = loader.rules.claim
             if claim is None or claim.offset != sent.offset:  # another claim came after ours
@@ -326,6 +333,9 @@ class Materializer(ConsumerRebalanceListener):
         except BaseException:
             await reader.stop()
             raise
+        self._probe = log_reader(self.kafka.bootstrap, "gateway-materializer-probe", fetch_max_wait_ms=10)
+        await self._probe.start()
+        self._last_command = None
         self.view = view
         self.next_offset = resume
         consumer.seek(self._commands, resume)
@@ -438,6 +448,7 @@ class Materializer(ConsumerRebalanceListener):
 
     async def _fold(self, records, producer: AIOKafkaProducer) -> None:
         """Fold a batch of commands; queue each command's records in order, then wait for them all."""
+        await self._check_same_log()
         view = self.view
         writer = BatchWriter(producer, self.kafka.ranges_topic)
         wrote_up_to = None
@@ -448,6 +459,7 @@ class Materializer(ConsumerRebalanceListener):
             if record.offset < self.next_offset:  # fetched before a seek: already folded
                 continue
             self.next_offset = record.offset + 1
+            self._last_command = (record.offset, record.timestamp)
             command = command_in(record, self, log)
             if command is None:
                 continue
@@ -465,6 +477,36 @@ class Materializer(ConsumerRebalanceListener):
         except BaseException:
             self._refold_from = first
             raise
+
+    async def _check_same_log(self) -> None:
+        """Before folding a batch: our claim is still in the view and the last command we folded still
+        in the command log. A broker that lost its log (Tansu restarted, a topic recreated) would
+        otherwise see us fold the new log's commands on top of the old one's state."""
+        probe, claim = self._probe, self.claim
+        if probe is None or claim is None:
+            return
+        wanted = {self._ranges: claim.offset}
+        if self._last_command is not None:
+            wanted[self._commands] = self._last_command[0]
+        probe.assign(list(wanted))
+        for tp, offset in wanted.items():
+            probe.seek(tp, offset)
+        found: dict = {}
+        deadline = time.monotonic() + 5.0
+        while len(found) < len(wanted) and time.monotonic() < deadline:
+            batch = await probe.getmany(*[tp for tp in wanted if tp not in found], timeout_ms=500, max_records=1)
+            for tp, records in batch.items():
+                found.setdefault(tp, records[0])
+        mine = found.get(self._ranges)
+        same = mine is not None and mine.offset == claim.offset and mine.key == CLAIM_KEY and mine.value == self._claim_value
+        if same and self._last_command is not None:
+            last = found.get(self._commands)
+            same = last is not None and (last.offset, last.timestamp) == self._last_command
+        if not same:
+            log.error("materializer: the log changed under this writer (our claim at offset %d or the last command "
+                      "folded is gone: broker reset or topic recreated); standing by to re-read the view",
+                      claim.offset)
+            raise KafkaError("the log changed under this writer")
 
     async def _write(self, producer, view: RangeSet, records: list[Record], tag: int | None, timestamp) -> None:
         if not records and tag is not None:

@@ -154,7 +154,9 @@ async def keep_writing(path: str | os.PathLike, follower: Any, kafka: KafkaConfi
     or foreign log (invariant 7): the file keeps the last view of the log it trusted.
     """
     retention: int | None = None
-    written: dict[int, int] | None = None
+    # Ready at start means started from this very file: nothing to write until the view moves on
+    # (rewriting it would make an old view look freshly read).
+    written: dict[int, int] | None = dict(follower.applied_offsets) if follower.ready.is_set() else None
     loop = asyncio.get_running_loop()
 
     async def write_if_moved() -> None:
@@ -188,7 +190,8 @@ async def keep_writing(path: str | os.PathLike, follower: Any, kafka: KafkaConfi
             await asyncio.sleep(interval_s)
     except asyncio.CancelledError:
         with contextlib.suppress(OSError, asyncio.CancelledError):
-            if retention is not None and follower.ready.is_set() and follower.static is None:
+            if retention is not None and follower.ready.is_set() and follower.static is None and \
+                    dict(follower.applied_offsets) != written:
                 offsets = dict(follower.applied_offsets)
                 write(path, topic=kafka.ranges_topic, ranges=follower.view.ranges(), offsets=offsets,
                       delete_retention_ms=retention, **identity(follower, offsets))
