@@ -351,6 +351,8 @@ class Follower:
                                     f"this gateway holds log {self.log_id}")
                     return
                 self.log_id = entry.log_id
+                if entry.refold:  # rebuilt from the whole command log: a forged tag before it counts no more
+                    self.applied_command = None
                 continue
             tag = header(record.headers, "command-offset")
             if self._pending and tag != header(self._pending[0][0].headers, "command-offset"):

@@ -178,6 +178,8 @@ class ViewLoader:
         entry = self.rules.read(record)
         if isinstance(entry, Claim):
             self.claims.append(entry)
+            if entry.refold:  # the view is rebuilt from the whole command log: earlier tags count no more
+                self.highest, self.complete, self.applied = None, False, None
         elif entry is not None:
             self.latest[(entry.version, entry.start)] = entry.end
             tag = header(record.headers, "command-offset")
