@@ -447,30 +447,35 @@ class Materializer(ConsumerRebalanceListener):
                 raise KafkaError(f"command {offset} not readable")
 
     async def _fold(self, records, producer: AIOKafkaProducer) -> None:
-        """Fold a batch of commands; queue each command's records in order, then wait for them all."""
-        await self._check_same_log()
+        """Fold a batch of commands in memory while checking the log is still ours, then write each
+        command's records in order and wait for them all."""
+        check = asyncio.ensure_future(self._check_same_log(self.claim, self._last_command))
         view = self.view
-        writer = BatchWriter(producer, self.kafka.ranges_topic)
-        wrote_up_to = None
+        folded: list[tuple[list[Record], int, int | None]] = []
         first = self.next_offset
-        for record in records:
+        try:
+            for record in records:
+                if record.offset < self.next_offset:  # fetched before a seek: already folded
+                    continue
+                self.next_offset = record.offset + 1
+                self._last_command = (record.offset, record.timestamp)
+                command = command_in(record, self, log)
+                if command is None:
+                    continue
+                changes = view.apply(command)
+                self.applied += 1
+                if changes:
+                    folded.append((changes, record.offset, record.timestamp))
+        finally:
+            await check  # raises when the log changed under us: nothing of this batch is written
+        batch_end = self.next_offset - 1
+        if (folded[-1][1] if folded else None) != batch_end and records:
+            folded.append((touch_record(view), batch_end, None))
+        writer = BatchWriter(producer, self.kafka.ranges_topic)
+        for changes, tag, timestamp in folded:
             if self._fenced_now:  # fenced meanwhile: not one more record
                 break
-            if record.offset < self.next_offset:  # fetched before a seek: already folded
-                continue
-            self.next_offset = record.offset + 1
-            self._last_command = (record.offset, record.timestamp)
-            command = command_in(record, self, log)
-            if command is None:
-                continue
-            changes = view.apply(command)
-            self.applied += 1
-            if changes:
-                await self._append(writer, changes, record.offset, record.timestamp)
-                wrote_up_to = record.offset
-        batch_end = self.next_offset - 1
-        if not self._fenced_now and wrote_up_to != batch_end and records:
-            await self._append(writer, touch_record(view), batch_end, None)
+            await self._append(writer, changes, tag, timestamp)
         self.commands_end = max(self.commands_end or 0, self.next_offset)
         try:
             await writer.flush()
@@ -478,16 +483,16 @@ class Materializer(ConsumerRebalanceListener):
             self._refold_from = first
             raise
 
-    async def _check_same_log(self) -> None:
-        """Before folding a batch: our claim is still in the view and the last command we folded still
+    async def _check_same_log(self, claim: Claim | None, last_command: tuple[int, int] | None) -> None:
+        """Before a batch is written: our claim is still in the view and the last command we folded still
         in the command log. A broker that lost its log (Tansu restarted, a topic recreated) would
         otherwise see us fold the new log's commands on top of the old one's state."""
-        probe, claim = self._probe, self.claim
+        probe = self._probe
         if probe is None or claim is None:
             return
         wanted = {self._ranges: claim.offset}
-        if self._last_command is not None:
-            wanted[self._commands] = self._last_command[0]
+        if last_command is not None:
+            wanted[self._commands] = last_command[0]
         probe.assign(list(wanted))
         for tp, offset in wanted.items():
             probe.seek(tp, offset)
@@ -499,9 +504,9 @@ class Materializer(ConsumerRebalanceListener):
                 found.setdefault(tp, records[0])
         mine = found.get(self._ranges)
         same = mine is not None and mine.offset == claim.offset and mine.key == CLAIM_KEY and mine.value == self._claim_value
-        if same and self._last_command is not None:
+        if same and last_command is not None:
             last = found.get(self._commands)
-            same = last is not None and (last.offset, last.timestamp) == self._last_command
+            same = last is not None and (last.offset, last.timestamp) == last_command
         if not same:
             log.error("materializer: the log changed under this writer (our claim at offset %d or the last command "
                       "folded is gone: broker reset or topic recreated); standing by to re-read the view",
