@@ -52,7 +52,6 @@ from .publisher import BatchWriter
 from .topics import (
     command_in,
     ensure_topics,
-    header,
     log_reader,
     partitions_of,
     read_to_end,

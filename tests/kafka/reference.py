@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import random
 
 from gateway.blacklist.ranges import RangeSet
 
@@ -79,3 +80,22 @@ def canonical(ranges: RangeSet) -> bool:
             return False
         previous = (version, end)
     return True
+
+
+def random_commands(n: int, seed: int, *, v4_bits: int = 16, v4_lengths=(20, 32), v6_bits: int = 16,
+                    v6_lengths=(116, 128)) -> list[str]:
+    """Commands that overlap a lot: prefixes in 10.0.0.0/(32 - v4_bits) (90 %) or 2001:db8::/(128 - v6_bits),
+    70 % BLACKLIST, as text."""
+    rng = random.Random(seed)
+    commands = []
+    for _ in range(n):
+        action = "BLACKLIST" if rng.random() < 0.7 else "WHITELIST"
+        if rng.random() < 0.9:
+            length = rng.randint(*v4_lengths)
+            host = (0x0A000000 | rng.getrandbits(v4_bits)) >> (32 - length) << (32 - length)
+            commands.append(f"{action} {ipaddress.IPv4Address(host)}/{length}")
+        else:
+            length = rng.randint(*v6_lengths)
+            host = (0x20010DB8 << 96 | rng.getrandbits(v6_bits)) >> (128 - length) << (128 - length)
+            commands.append(f"{action} {ipaddress.IPv6Address(host)}/{length}")
+    return commands

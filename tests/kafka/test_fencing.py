@@ -10,17 +10,14 @@ would leave it (last record per key, whoever wrote it), and the gateway's /admin
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import os
-import random
 import signal
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from helpers import eventually
 from procs import log_count, logged, spawn_gateway, spawn_materializer
-from reference import addresses_of, blocked, canonical, view_of
+from reference import addresses_of, blocked, canonical, random_commands, view_of
 
 from gateway.bidder import bound_port, start_bidder
 from gateway.blacklist.ranges import RangeSet
@@ -31,35 +28,7 @@ from gateway.kafka.topics import ensure_topics
 
 def small_commands(n: int, seed: int) -> list[str]:
     """Commands of at most 64 addresses in 10.0.0.0/18 (brute force stays cheap), 70 % BLACKLIST, some IPv6."""
-    rng = random.Random(seed)
-    commands = []
-    for _ in range(n):
-        action = "BLACKLIST" if rng.random() < 0.7 else "WHITELIST"
-        if rng.random() < 0.9:
-            length = rng.randint(26, 32)
-            host = (0x0A000000 | rng.getrandbits(14)) >> (32 - length) << (32 - length)
-            commands.append(f"{action} {ipaddress.IPv4Address(host)}/{length}")
-        else:
-            length = rng.randint(122, 128)
-            host = (0x20010DB8 << 96 | rng.getrandbits(10)) >> (128 - length) << (128 - length)
-            commands.append(f"{action} {ipaddress.IPv6Address(host)}/{length}")
-    return commands
-
-
-async def view_records(kafka) -> list:
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20)
-    await consumer.start()
-    try:
-        from gateway.kafka.topics import read_to_end
-
-        tp = TopicPartition(kafka.ranges_topic, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        records: list = []
-        await read_to_end(consumer, [tp], lambda _tp, batch: records.extend(batch))
-        return records
-    finally:
-        await consumer.stop()
+    return random_commands(n, seed, v4_bits=14, v4_lengths=(26, 32), v6_bits=10, v6_lengths=(122, 128))
 
 
 def compacted(records) -> RangeSet:
@@ -106,7 +75,10 @@ def to_addresses(pairs) -> dict[int, set[int]]:
 
 
 @pytest.mark.parametrize("pause", ["mid-batch", "idle"])
-async def test_a_frozen_writer_that_wakes_after_a_takeover_changes_nothing(kafka, tmp_path, pause):
+async def test_a_frozen_writer_that_wakes_after_a_takeover_changes_nothing(kafka, tmp_path, pause, read_topic):
+    async def view_records(kafka) -> list:
+        return await read_topic(kafka.ranges_topic)
+
     await ensure_topics(kafka)
     logs = {name: tmp_path / f"{name}.log" for name in ("a", "b", "gateway")}
     bidder = await start_bidder("127.0.0.1", 0)
@@ -121,12 +93,12 @@ async def test_a_frozen_writer_that_wakes_after_a_takeover_changes_nothing(kafka
         async with Publisher(kafka) as publisher:
             if pause == "idle":
                 await publisher.publish_encoded(c.encode() for c in first)
-                await eventually(lambda: _done(kafka, len(first) - 1), timeout=60, what="A folded everything")
+                await eventually(lambda: _done(view_records, kafka, len(first) - 1), timeout=60, what="A folded everything")
                 os.kill(a.pid, signal.SIGSTOP)
             else:
                 claimed = len(await view_records(kafka))
                 await publisher.publish_encoded(c.encode() for c in first)
-                await eventually(lambda: _grew(kafka, claimed + 50), timeout=30, interval=0.005, what="A writing")
+                await eventually(lambda: _grew(view_records, kafka, claimed + 50), timeout=30, interval=0.005, what="A writing")
                 os.kill(a.pid, signal.SIGSTOP)
                 records = await view_records(kafka)
                 assert completed_command(records) < len(first) - 1, "A finished before the freeze: not mid-batch"
@@ -134,14 +106,14 @@ async def test_a_frozen_writer_that_wakes_after_a_takeover_changes_nothing(kafka
             second = small_commands(2_000, seed=2)
             await publisher.publish_encoded(c.encode() for c in second)
             total = len(first) + len(second)
-            await eventually(lambda: _done(kafka, total - 1), timeout=60, what="B folded everything")
+            await eventually(lambda: _done(view_records, kafka, total - 1), timeout=60, what="B folded everything")
             os.kill(a.pid, signal.SIGCONT)  # the zombie writes what it had in hand
             await eventually(lambda: log_count(logs["a"], "fenced") + log_count(logs["a"], "revoked") >= 1,
                              timeout=30, what="A noticed it lost the role")
             sentinel = await publisher.publish("BLACKLIST 192.0.2.0/24")
         commands = first + second + ["BLACKLIST 192.0.2.0/24"]
         expected = blocked(commands)
-        await eventually(lambda: _view_equals(kafka, expected), timeout=60, what="view == fold of the command log")
+        await eventually(lambda: _view_equals(view_records, kafka, expected), timeout=60, what="view == fold of the command log")
         records = await view_records(kafka)
         assert addresses_of(compacted(records)) == expected  # no stale record is any key's last: compaction-safe
         assert canonical(view_of(records))
@@ -160,13 +132,13 @@ async def test_a_frozen_writer_that_wakes_after_a_takeover_changes_nothing(kafka
         await bidder.cleanup()
 
 
-async def _grew(kafka, count: int) -> bool:
+async def _grew(view_records, kafka, count: int) -> bool:
     return len(await view_records(kafka)) >= count
 
 
-async def _done(kafka, offset: int) -> bool:
+async def _done(view_records, kafka, offset: int) -> bool:
     return completed_command(await view_records(kafka)) >= offset
 
 
-async def _view_equals(kafka, expected) -> bool:
+async def _view_equals(view_records, kafka, expected) -> bool:
     return addresses_of(view_of(await view_records(kafka))) == expected

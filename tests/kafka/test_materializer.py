@@ -1,19 +1,15 @@
 """The materializer on a real broker: exact view records, restart safety, one active writer, poison pills."""
 
 import asyncio
-import ipaddress
 import json
 import os
-import random
 import signal
-import subprocess
-import sys
-import time
 import uuid
-from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+import reference
 from helpers import eventually
+from procs import spawn_materializer
 
 from gateway.blacklist.commands import Command, parse_command, parse_network
 from gateway.blacklist.ranges import fold
@@ -35,38 +31,7 @@ async def stopped(materializer, task):
 
 def random_commands(n, seed):
     """Commands that overlap a lot: prefixes /20../32 in 10.0.0.0/16, some IPv6, 70 % BLACKLIST."""
-    rng = random.Random(seed)
-    commands = []
-    for _ in range(n):
-        action = "BLACKLIST" if rng.random() < 0.7 else "WHITELIST"
-        if rng.random() < 0.9:
-            length = rng.randint(20, 32)
-            host = (0x0A000000 | rng.getrandbits(16)) >> (32 - length) << (32 - length)
-            network = parse_network(f"{ipaddress.IPv4Address(host)}/{length}")
-        else:
-            length = rng.randint(116, 128)
-            host = (0x20010DB8 << 96 | rng.getrandbits(16)) >> (128 - length) << (128 - length)
-            network = parse_network(f"{ipaddress.IPv6Address(host)}/{length}")
-        commands.append(Command(action, network))
-    return commands
-
-
-def spawn_materializer(kafka, log_path: Path) -> subprocess.Popen:
-    log = open(log_path, "ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "gateway", "materialize", "--kafka", kafka.bootstrap,
-         "--commands-topic", kafka.commands_topic, "--ranges-topic", kafka.ranges_topic],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-
-
-def wait_for_line(path: Path, text: str, timeout: float, count: int = 1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text(errors="replace").count(text) >= count:
-            return True
-        time.sleep(0.02)
-    return False
+    return [parse_command(text) for text in reference.random_commands(n, seed)]
 
 
 async def test_seed_commands_produce_exactly_the_design_records(kafka, read_topic):

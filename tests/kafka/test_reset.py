@@ -7,6 +7,8 @@ claim. A gateway with no view bootstraps what is there."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 
@@ -75,7 +77,8 @@ async def test_a_broker_restarted_empty_never_silently_changes_what_gateways_enf
         kept = snapshot.read_bytes()
         assert b'"claim"' in kept
 
-        broker.stop()  # memory only: every topic is gone
+        os.kill(broker.pid, signal.SIGKILL)  # killed, not stopped; memory only: every topic is gone
+        broker.process.wait()
         broker = start_broker(port=port)
         async with Publisher(kafka) as publisher:
             new_offsets = [await publisher.publish(c) for c in NEW]

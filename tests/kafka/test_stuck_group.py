@@ -64,7 +64,7 @@ async def test_some_materializer_is_active_again_after_kills_freezes_and_leaves(
         stop_pid(members[third][0], timeout=20)  # leaves the group cleanly: nobody else is left
         os.kill(members[second][0].pid, signal.SIGCONT)  # the frozen one wakes, expired, with a stale claim
         start("d")
-        fourth = await one_active("a writer after every member expired or left")
+        await one_active("a writer after every member expired or left")
         async with Publisher(kafka) as publisher:
             await publisher.publish("BLACKLIST 10.0.0.0/24")
         await eventually(lambda: _folded(read_view, kafka), timeout=RECOVERY_S, what="the command folded")
