@@ -53,6 +53,7 @@ from .topics import (
     command_in,
     ensure_topics,
     log_reader,
+    no_auto_create,
     partitions_of,
     read_to_end,
     true_end,
@@ -201,14 +202,14 @@ class Materializer(ConsumerRebalanceListener):
     async def run(self) -> None:
         """Run until stop(): stand by, take over when given the command partition, fold commands."""
         await ensure_topics(self.kafka)
-        producer = AIOKafkaProducer(
+        producer = no_auto_create(AIOKafkaProducer(
             bootstrap_servers=self.kafka.bootstrap,
             client_id="gateway-materializer",
             acks="all",
             linger_ms=0,  # records go in whole batches (BatchWriter); nothing to wait for
             max_batch_size=32 << 10,  # a few hundred records: the view grows while a batch is folded
-        )
-        consumer = AIOKafkaConsumer(
+        ))
+        consumer = no_auto_create(AIOKafkaConsumer(
             bootstrap_servers=self.kafka.bootstrap,
             client_id="gateway-materializer",
             group_id=self.group_id,
@@ -220,7 +221,7 @@ class Materializer(ConsumerRebalanceListener):
             heartbeat_interval_ms=max(100, self.session_timeout_ms // 6),
             fetch_max_wait_ms=10,  # propagation: Tansu holds an empty fetch for the whole wait
             max_partition_fetch_bytes=4 << 20,
-        )
+        ))
         await producer.start()
         try:
             await consumer.start()

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+import types
+from typing import Protocol, TypeVar
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
@@ -19,14 +20,8 @@ from ..blacklist.commands import Command, CommandError, parse_command
 from .config import KafkaConfig
 
 
-def _no_auto_create() -> None:
-    """Never let a client's metadata request create a topic (DESIGN, invariant 7 and issue 10).
-
-    aiokafka asks with allow_auto_topic_creation=true; a broker that honours it (Tansu, Kafka with
-    auto.create.topics.enable) would recreate a deleted or reset topic with its defaults (a commands
-    topic of 4 partitions) the moment a subscribed consumer refreshes its metadata. Topics are made
-    by ensure_topics only; a missing topic is an error a reader reports and retries.
-    """
+def _metadata_update_without_auto_create():
+    """aiokafka's AIOKafkaClient._metadata_update, asking with allow_auto_topic_creation=false."""
     import aiokafka.client
     from aiokafka.protocol.metadata import MetadataRequest
 
@@ -34,10 +29,30 @@ def _no_auto_create() -> None:
         def __init__(self, topics=None, allow_auto_topic_creation=False):
             super().__init__(topics, allow_auto_topic_creation)
 
-    aiokafka.client.MetadataRequest = NoAutoCreate
+    method = aiokafka.client.AIOKafkaClient._metadata_update
+    names = {**method.__globals__, "MetadataRequest": NoAutoCreate}
+    return types.FunctionType(method.__code__, names, method.__name__, method.__defaults__, method.__closure__)
 
 
-_no_auto_create()
+_METADATA_UPDATE = _metadata_update_without_auto_create()
+
+Client = TypeVar("Client", AIOKafkaConsumer, AIOKafkaProducer)
+
+
+def no_auto_create(client: Client) -> Client:
+    """Make a client's metadata requests never create a topic (DESIGN invariant 7, issue 10).
+
+    aiokafka asks with allow_auto_topic_creation=true; a broker that honours it (Tansu, Kafka with
+    auto.create.topics.enable) recreated a reset commands topic with its defaults (4 partitions) the
+    moment the materializer's subscription refreshed its metadata. Topics are made by ensure_topics
+    only; a missing topic is an error the reader reports and retries. Every client this package
+    makes goes through here; other clients in the process keep aiokafka's behaviour.
+    """
+    # aiokafka has no option for it: rebind the one method that asks, on this client only.
+    inner = client.client if isinstance(client, AIOKafkaProducer) else client._client
+    inner._metadata_update = types.MethodType(_METADATA_UPDATE, inner)
+    return client
+
 
 TOPIC_ALREADY_EXISTS = 36
 DEFAULT_DELETE_RETENTION_MS = 86_400_000  # Kafka's default when the topic does not set it
@@ -51,7 +66,7 @@ def log_reader(bootstrap: str, client_id: str, *, fetch_max_wait_ms: int = 50, r
 
     `reset="none"`: a position out of the topic's range raises instead of jumping to its start
     (a follower must notice a reset log, never read it on top of the old one)."""
-    return AIOKafkaConsumer(
+    return no_auto_create(AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         client_id=client_id,
         enable_auto_commit=False,
@@ -60,7 +75,7 @@ def log_reader(bootstrap: str, client_id: str, *, fetch_max_wait_ms: int = 50, r
         fetch_max_wait_ms=fetch_max_wait_ms,
         max_partition_fetch_bytes=16 << 20,
         fetch_max_bytes=64 << 20,
-    )
+    ))
 
 
 class TopicError(RuntimeError):

@@ -6,7 +6,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from gateway.kafka.topics import TopicError, delete_retention_ms, ensure_topics
+from gateway.kafka.topics import TopicError, delete_retention_ms, ensure_topics, no_auto_create
 
 
 async def topic_configs(bootstrap, topic):
@@ -71,11 +71,11 @@ async def create(bootstrap, topic, partitions=1):
 
 
 async def test_no_client_creates_a_topic_by_asking_for_it(kafka_bootstrap, unique_topic):
-    """A subscription (or a producer) naming a missing topic must not make the broker create it with its
-    defaults: after a broker reset that made a 4-partition commands topic and every gateway refused it."""
+    """A subscription (or a producer) of this package naming a missing topic must not make the broker create
+    it with its defaults: after a broker reset that made a 4-partition commands topic and every gateway refused it."""
     topic = unique_topic("missing")
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=unique_topic("group"),
-                                metadata_max_age_ms=100)
+    consumer = no_auto_create(AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=unique_topic("group"),
+                                               metadata_max_age_ms=100))
     await consumer.start()
     try:
         consumer.subscribe([topic])
@@ -83,7 +83,7 @@ async def test_no_client_creates_a_topic_by_asking_for_it(kafka_bootstrap, uniqu
         assert topic not in await consumer.topics()
     finally:
         await consumer.stop()
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, request_timeout_ms=1000)
+    producer = no_auto_create(AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, request_timeout_ms=1000))
     await producer.start()
     try:
         with pytest.raises(KafkaError):
