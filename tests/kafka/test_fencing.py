@@ -11,12 +11,15 @@ would leave it (last record per key, whoever wrote it), and the gateway's /admin
 from __future__ import annotations
 
 import ipaddress
+import asyncio
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 from helpers import eventually
-from procs import log_count, logged, spawn_gateway, spawn_materializer
+from procs import TOKEN, log_count, logged, spawn_gateway, spawn_materializer, topic_args
 from reference import addresses_of, blocked, canonical, random_commands, view_of
 
 from gateway.bidder import bound_port, start_bidder
@@ -122,6 +125,10 @@ async def test_a_frozen_writer_that_wakes_after_a_takeover_changes_nothing(kafka
         assert to_addresses(await gateway.ranges()) == expected
         status = await gateway.status()
         assert status["static"] is None and status["unenforced_commands"] == 0
+        verified = await asyncio.to_thread(subprocess.run, [
+            sys.executable, "-m", "gateway", "ctl", *topic_args(kafka), "verify", "--gateway", gateway.admin_url,
+            "--token", TOKEN], capture_output=True, text=True, timeout=120)
+        assert verified.returncode == 0 and "OK: equal" in verified.stdout, verified.stdout + verified.stderr
         print(f"{pause}: {stale_count(records)} stale records by the zombie; gateway skipped {status['stale_records']}")
     finally:
         for process in (a, b):

@@ -94,6 +94,10 @@ async def test_a_broker_restarted_empty_never_silently_changes_what_gateways_enf
         metrics = await _metrics(running)
         assert "gateway_view_static 1.0" in metrics, metrics
         assert snapshot.read_bytes() == kept  # never overwritten meanwhile
+        verified = await asyncio.to_thread(subprocess.run, [
+            sys.executable, "-m", "gateway", "ctl", *topic_args(kafka), "verify", "--gateway", running.admin_url,
+            "--token", TOKEN], capture_output=True, text=True, timeout=120)
+        assert verified.returncode == 1 and "holds its view static" in verified.stdout, verified.stdout
 
         # The operator's word for one gateway: `gateway ctl adopt`.
         done = subprocess.run([sys.executable, "-m", "gateway", "ctl", *topic_args(kafka), "adopt",
