@@ -80,15 +80,20 @@ class SingleWriterAssignor:
 
     def __init__(self) -> None:
         self.claim: int | None = None  # the offset of this member's claim while it holds the partition
+        self.operator = False  # started with --new-log or --refold and not active yet: it takes over first
 
     def metadata(self, topics) -> ConsumerProtocolMemberMetadata:
-        data = b"" if self.claim is None else b"claim:%d" % self.claim
+        data = b"operator" if self.operator else b"" if self.claim is None else b"claim:%d" % self.claim
         return ConsumerProtocolMemberMetadata(self.version, sorted(topics), data)
 
     def assign(self, cluster, members: Mapping[str, ConsumerProtocolMemberMetadata]) -> dict:
         claims = {m: _claim_of(meta.user_data) for m, meta in members.items()}
         holders = [m for m, claim in claims.items() if claim is not None]
-        chosen = min(holders, key=lambda m: (-claims[m], m)) if holders else min(members)
+        operators = sorted(m for m, meta in members.items() if meta.user_data == b"operator")
+        if operators:  # an operator's --new-log or --refold takes the partition from the running writer
+            chosen = operators[0]
+        else:
+            chosen = min(holders, key=lambda m: (-claims[m], m)) if holders else min(members)
         topics = sorted({topic for meta in members.values() for topic in meta.subscription})
         everything = [(t, sorted(cluster.partitions_for_topic(t) or ())) for t in topics]
         return {
@@ -152,6 +157,7 @@ class Materializer(ConsumerRebalanceListener):
         self._refold_from: int | None = None  # first command of a fold whose view write failed
         self._stopping = asyncio.Event()
         self._assignor = SingleWriterAssignor()
+        self._assignor.operator = new_log or refold
         self._tail: asyncio.Task | None = None
         self._fenced_now = False  # our claim was superseded: not one more record is written
         self._probe: AIOKafkaConsumer | None = None  # checks the log is still the one we write (per batch)
@@ -307,7 +313,7 @@ class Materializer(ConsumerRebalanceListener):
             if claim is None or claim.offset != sent.offset:  # another claim came after ours
                 raise KafkaError("a newer writer claim followed ours; standing by")
             self.claim, self.log_id = claim, claim.log_id
-            self._assignor.claim = claim.offset
+            self._assignor.claim, self._assignor.operator = claim.offset, False
             view = loader.load()
             if self.refold:
                 records, resume, tag = await self._refold(view)

@@ -147,3 +147,5 @@ def test_the_assignor_gives_the_partition_to_the_newest_claim_never_back_to_a_zo
     assert assignor.metadata(["c"]).user_data == b""  # holds no claim: advertises none
     assignor.claim = 42
     assert assignor.metadata(["c"]).user_data == b"claim:42"
+    members["e-operator"] = _Meta(b"operator")  # `materialize --new-log` or `--refold` just joined
+    assert [m for m, a in assignor.assign(_Cluster(), members).items() if a.partitions()] == ["e-operator"]
