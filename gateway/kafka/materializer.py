@@ -160,7 +160,7 @@ class Materializer(ConsumerRebalanceListener):
         self._assignor.operator = new_log or refold
         self._tail: asyncio.Task | None = None
         self._fenced_now = False  # our claim was superseded: not one more record is written
-        self._probe: AIOKafkaConsumer | None = None  # checks the log is still the one we write (per batch)
+        self._probes: dict[TopicPartition, AIOKafkaConsumer] = {}  # check the log is still the one we write
         self._claim_value = b""
         self._last_command: tuple[int, int] | None = None  # (offset, timestamp) of the last command folded
         self._rejoin = False  # leave and rejoin the group without a claim
@@ -199,8 +199,8 @@ class Materializer(ConsumerRebalanceListener):
         if tail is not None and tail is not asyncio.current_task():
             tail.cancel()
             await asyncio.gather(tail, return_exceptions=True)
-        probe, self._probe = self._probe, None
-        if probe is not None:
+        probes, self._probes = self._probes, {}
+        for probe in probes.values():
             await probe.stop()
 
     # -- main loop --------------------------------------------------------------------
@@ -339,8 +339,11 @@ class Materializer(ConsumerRebalanceListener):
         except BaseException:
             await reader.stop()
             raise
-        self._probe = log_reader(self.kafka.bootstrap, "gateway-materializer-probe", fetch_max_wait_ms=10)
-        await self._probe.start()
+        for tp in (self._ranges, self._commands):  # one each: a fetch never waits behind the other's
+            self._probes[tp] = probe = log_reader(self.kafka.bootstrap, "gateway-materializer-probe", fetch_max_wait_ms=10)
+            await probe.start()
+            probe.assign([tp])
+            probe.pause(tp)
         self._last_command = None
         self.view = view
         self.next_offset = resume
@@ -493,21 +496,13 @@ class Materializer(ConsumerRebalanceListener):
         """Before a batch is written: our claim is still in the view and the last command we folded still
         in the command log. A broker that lost its log (Tansu restarted, a topic recreated) would
         otherwise see us fold the new log's commands on top of the old one's state."""
-        probe = self._probe
-        if probe is None or claim is None:
+        probes = self._probes
+        if not probes or claim is None:
             return
         wanted = {self._ranges: claim.offset}
         if last_command is not None:
             wanted[self._commands] = last_command[0]
-        probe.assign(list(wanted))
-        for tp, offset in wanted.items():
-            probe.seek(tp, offset)
-        found: dict = {}
-        deadline = time.monotonic() + 5.0
-        while len(found) < len(wanted) and time.monotonic() < deadline:
-            batch = await probe.getmany(*[tp for tp in wanted if tp not in found], timeout_ms=500, max_records=1)
-            for tp, records in batch.items():
-                found.setdefault(tp, records[0])
+        found = dict(zip(wanted, await asyncio.gather(*(record_at(probes[tp], tp, at) for tp, at in wanted.items()))))
         mine = found.get(self._ranges)
         same = mine is not None and mine.offset == claim.offset and mine.key == CLAIM_KEY and mine.value == self._claim_value
         if same and last_command is not None:
@@ -546,6 +541,20 @@ class Materializer(ConsumerRebalanceListener):
                 timestamp,
             )
         self.written += len(records)
+
+
+async def record_at(probe: AIOKafkaConsumer, tp: TopicPartition, offset: int):
+    """The record at `offset` of a partition the probe is assigned to (paused between calls), or None."""
+    probe.seek(tp, offset)
+    probe.resume(tp)
+    try:
+        for _ in range(10):
+            batch = await probe.getmany(tp, timeout_ms=500, max_records=1)
+            if batch.get(tp):
+                return batch[tp][0]
+        return None
+    finally:
+        probe.pause(tp)  # no idle fetch in the way of the next call
 
 
 def touch_record(view: RangeSet) -> list[Record]:
