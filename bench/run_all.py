@@ -34,6 +34,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str], dict[str, str]]] = {
     "bootstrap": ("bootstrap", [], ["--sizes", "100000"], {}),
     "propagation": ("propagation", [], ["--commands", "200"], {}),
     "materializer": ("materializer", [], ["--commands", "50000", "--import-lines", "100000"], {}),
+    "failover": ("failover", [], ["--rounds", "1"], {}),
     "proxy": ("proxy", [], ["--duration", "3"], {}),
     # The same comparison with two gateway workers: does throughput grow with --workers?
     "proxy-2-workers": ("proxy", ["--workers", "2"], ["--workers", "2", "--duration", "3"], {}),

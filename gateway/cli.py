@@ -105,11 +105,17 @@ def serve(kafka: KafkaConfig, upstreams: tuple[str, ...], trusted_proxies: tuple
         help="Serve /healthz, /readyz and /metrics here (off by default).")
 @option("--session-timeout-ms", default=6000, show_default=True, type=click.IntRange(min=1000),
         help="How long a silent active writer keeps the command partition before a standby takes over.")
-def materialize(kafka: KafkaConfig, admin_listen: tuple[str, int] | None, session_timeout_ms: int) -> None:
+@option("--new-log", is_flag=True,
+        help="Start this log on purpose (after a reset or a move): gateways holding another log's view adopt it.")
+@option("--refold", is_flag=True,
+        help="Rebuild the view from the whole command log under a new claim, whatever its checkpoint says.")
+def materialize(kafka: KafkaConfig, admin_listen: tuple[str, int] | None, session_timeout_ms: int,
+                new_log: bool, refold: bool) -> None:
     """Fold the command topic into the compacted view topic (one active writer, others stand by)."""
     from .kafka.materializer import materialize as run
 
-    run_async(run(kafka, session_timeout_ms=session_timeout_ms, admin_listen=admin_listen))
+    run_async(run(kafka, session_timeout_ms=session_timeout_ms, admin_listen=admin_listen,
+                  new_log=new_log, refold=refold))
 
 
 @cli.command()
@@ -192,6 +198,31 @@ def replay(kafka: KafkaConfig, until: Any, offset: int | None) -> None:
         click.echo(f"{format_address(version, start)} {format_address(version, end)}")
     click.echo(f"# {len(result.view)} ranges from {result.commands} commands"
                f" (next offset {result.next_offset}, {result.poison} skipped)", err=True)
+
+
+@ctl.command()
+@option("--gateway", "gateway_url", required=True, metavar="URL", help="The gateway's admin URL (http://HOST:PORT).")
+@option("--token", required=True, help="The gateway's admin token.")
+def adopt(gateway_url: str, token: str) -> None:
+    """Make one gateway adopt the log the view topic holds now (it holds its view static after a reset)."""
+    from .control.verify import adopt as ask
+
+    click.echo(run_async(ask(gateway_url, token)))
+
+
+@ctl.command()
+@option("--gateway", "gateway_url", default=None, metavar="URL", help="Also compare a live gateway's /admin/ranges.")
+@option("--token", default=None, help="The gateway's admin token.")
+@click.pass_obj
+def verify(kafka: KafkaConfig, gateway_url: str | None, token: str | None) -> None:
+    """Anti-entropy: fold the command log, compare with the view topic (and a gateway); exit 1 on a difference."""
+    from .control.verify import verify as check
+
+    if gateway_url is not None and token is None:
+        raise click.UsageError("--gateway needs --token (the gateway's admin token)")
+    report = run_async(check(kafka, gateway_url=gateway_url, token=token))
+    click.echo(report.text())
+    sys.exit(0 if report.equal else 1)
 
 
 @cli.command()

@@ -238,7 +238,8 @@ def start_follower(config: ServeConfig) -> tuple[Follower, float | None]:
         return Follower(config.kafka), None
     view = RangeSet.from_view(snapshot.records)
     trusted_until = snapshot.written_at + snapshot.delete_retention_ms / 1000
-    return Follower(config.kafka, initial=(view, snapshot.offsets), trusted_until=trusted_until), snapshot.written_at
+    return Follower(config.kafka, initial=(view, snapshot.offsets), trusted_until=trusted_until,
+                    claim=snapshot.claim, signatures=snapshot.signatures), snapshot.written_at
 
 
 # -- a worker -----------------------------------------------------------------------------------

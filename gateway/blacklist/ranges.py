@@ -55,6 +55,18 @@ class RangeSet:
             ranges._addresses[version] = sum(end - start + 1 for start, end in spans)
         return ranges
 
+    @classmethod
+    def from_spans(cls, spans: Iterable[tuple[int, int, int]]) -> RangeSet:
+        """Load parsed stored ranges (version, first, last), one per first address, at once."""
+        ranges = cls()
+        loaded: dict[int, list[Span]] = {4: [], 6: []}
+        for version, start, end in spans:
+            loaded[version].append((start, end))
+        for version, found in loaded.items():
+            ranges._spans[version] = SortedDict(found)
+            ranges._addresses[version] = sum(end - start + 1 for start, end in found)
+        return ranges
+
     # -- folding commands (the materializer) --------------------------------------
 
     def apply(self, command: Command) -> list[Record]:
@@ -85,6 +97,12 @@ class RangeSet:
             target._union(version, start, end)
         if command is not None:
             target.apply(command)
+        return self.become(target)
+
+    def become(self, target: RangeSet) -> list[Record]:
+        """Turn this stored view into `target` (canonical); return the records, coverage added first.
+
+        The diff is against the view as stored: keys `target` does not hold are tombstoned."""
         records: list[Record] = []  # families never share addresses: order only within one
         for version in (4, 6):
             records += self._replace(version, dict(self._spans[version]), dict(target._spans[version]))
@@ -99,9 +117,17 @@ class RangeSet:
             end = None
         else:
             version, start, end = _parse_range(key, value)
+        return self.put(version, start, end)
+
+    def put(self, version: int, start: int, end: int | None) -> Change:
+        """Set one parsed view record (end None: tombstone); return what it changed."""
         old = self._spans[version].get(start)
         self._set(version, start, end)
         return version, start, old, end
+
+    def get(self, version: int, start: int) -> int | None:
+        """The stored last address of the range that starts at `start`, if any."""
+        return self._spans[version].get(start)
 
     # -- queries ------------------------------------------------------------------
 

@@ -255,6 +255,11 @@ async def status(request: web.Request) -> web.Response:
         "seconds_since_contact": None if state.since_contact is None else round(state.since_contact, 3),
         "applied_command": state.applied_command,
         "poison_records": state.poison,
+        "stale_records": state.stale,
+        "unenforced_commands": state.unenforced_commands,
+        "log_id": state.log_id,
+        "writer_claim": state.claim_offset,
+        "static": state.static,
         "commands_topic": request.app[CONFIG].kafka.commands_topic,
         "ranges_topic": request.app[CONFIG].kafka.ranges_topic,
     }
@@ -362,6 +367,17 @@ async def _wait_applied(app: web.Application, offset: int, timeout: float) -> bo
     return True
 
 
+async def adopt(request: web.Request) -> web.Response:
+    """Invariant 7, the operator's word: this gateway and its workers adopt the log the view topic holds now."""
+    follower, progress = request.app[FOLLOWER], request.app.get(PROGRESS)
+    log.warning("admin: adopting the log the view topic holds now", extra={"held_log": follower.log_id,
+                                                                           "static": follower.static})
+    follower.adopt()
+    if progress is not None:
+        progress.adopt()
+    return web.json_response({"adopting": True, "static": follower.static, "log_id": follower.log_id}, status=202)
+
+
 async def openapi_document(request: web.Request) -> web.Response:
     return web.json_response(openapi.document())
 
@@ -398,6 +414,7 @@ def make_admin_app(
     app.router.add_post("/admin/commands", commands)
     app.router.add_get("/admin/status", status, allow_head=False)
     app.router.add_get("/admin/history", history, allow_head=False)
+    app.router.add_post("/admin/adopt", adopt)
     return app
 
 

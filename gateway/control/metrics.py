@@ -108,6 +108,14 @@ class Metrics:
                               ["reader"], registry=r)
         self.ready = Gauge("gateway_ready", "1 when every worker has its view bootstrapped.", registry=r,
                            multiprocess_mode="livemin")
+        self.unenforced = Gauge("gateway_commands_unenforced",
+                                "Commands in the command log this view does not reflect yet (worst worker).",
+                                registry=r, multiprocess_mode="livemax")
+        self.static = Gauge("gateway_view_static",
+                            "1 while the view is held static on a reset or foreign log (any worker).",
+                            registry=r, multiprocess_mode="livemax")
+        self.stale = Counter("gateway_stale_records", "View records of a fenced writer skipped, by reader process.",
+                             ["reader"], registry=r)
 
 
 def add_buckets(histogram: Histogram, counts: list[int], total: float) -> None:
@@ -153,6 +161,11 @@ class ViewState:
     since_contact: float | None
     applied_command: int | None
     poison: int
+    stale: int = 0  # view records of a fenced writer skipped
+    unenforced_commands: int | None = None  # commands in the log this view does not reflect yet
+    static: str | None = None  # why the view is held static on a reset or foreign log
+    log_id: str | None = None
+    claim_offset: int | None = None
 
 
 def view_state(follower: Any, baseline: float | None = None) -> ViewState:
@@ -179,6 +192,11 @@ def view_state(follower: Any, baseline: float | None = None) -> ViewState:
         since_contact=since_contact,
         applied_command=follower.applied_command,
         poison=follower.poison,
+        stale=getattr(follower, "stale", 0),
+        unenforced_commands=getattr(follower, "unenforced_commands", None),
+        static=getattr(follower, "static", None),
+        log_id=getattr(follower, "log_id", None),
+        claim_offset=claim.offset if (claim := getattr(follower, "claim", None)) is not None else None,
     )
 
 
@@ -203,8 +221,10 @@ class Flusher:
             if getattr(stats, "upstream_latency", None) is not None:
                 self._histograms.append(_HistogramDelta(stats.upstream_latency, metrics.upstream_seconds))
         self._poison = 0
+        self._stale = 0
         if follower is not None:
             metrics.poison.labels(reader)  # exported at 0 from the start, so alerts see the series
+            metrics.stale.labels(reader)
 
     def flush(self) -> None:
         if self.stats is not None:
@@ -231,6 +251,12 @@ class Flusher:
         if state.lag is not None:
             m.lag.set(state.lag)
         m.age.set(state.age_seconds)
+        if state.unenforced_commands is not None:
+            m.unenforced.set(state.unenforced_commands)
+        m.static.set(1 if state.static is not None else 0)
+        if state.stale > self._stale:
+            m.stale.labels(self.reader).inc(state.stale - self._stale)
+            self._stale = state.stale
         if state.poison > self._poison:
             m.poison.labels(self.reader).inc(state.poison - self._poison)
             self._poison = state.poison
@@ -294,15 +320,32 @@ async def serve_poison_metrics(host: str, port: int, source: Any, reader: str) -
     """
     metrics = Metrics()
     counter = metrics.poison.labels(reader)
+    r = metrics.registry
+    active = Gauge("gateway_materializer_active", "1 while this materializer is the active writer.", registry=r)
+    backlog = Gauge("gateway_materializer_command_backlog",
+                    "Commands in the log the active writer has not folded yet.", registry=r)
+    refused = Gauge("gateway_materializer_checkpoint_refused",
+                    "1 while the view's checkpoint is refused (ahead of the command log, another log or topic).",
+                    registry=r)
+    fenced = Counter("gateway_materializer_fenced", "Times this writer saw a newer claim and stopped writing.",
+                     registry=r)
     seen = 0
+    fenced_seen = 0
 
     async def flush() -> None:
-        nonlocal seen
+        nonlocal seen, fenced_seen
         while True:
             await asyncio.sleep(1.0)
             if source.poison > seen:
                 counter.inc(source.poison - seen)
                 seen = source.poison
+            active.set(1 if getattr(source, "active", False) else 0)
+            if getattr(source, "backlog", None) is not None:
+                backlog.set(source.backlog)
+            refused.set(1 if getattr(source, "refused", None) else 0)
+            if getattr(source, "fenced", 0) > fenced_seen:
+                fenced.inc(source.fenced - fenced_seen)
+                fenced_seen = source.fenced
 
     app = web.Application()
     app[METRICS_REGISTRY] = metrics.registry

@@ -131,6 +131,22 @@ _DOCUMENT: dict[str, Any] = {
                 **_AUTH_ERRORS,
             },
         }},
+        "/admin/adopt": {"post": {
+            "summary": "Adopt the log the view topic holds now (after a reset or a foreign log held the view static)",
+            "description": "The operator's word of invariant 7: this gateway (every worker) drops the view it holds "
+                           "and bootstraps the log the view topic holds now. Until then it keeps enforcing its last "
+                           "view and reports `static` in /admin/status.",
+            "operationId": "adopt",
+            "responses": {
+                "202": {"description": "Adopting: the view is swapped once the new log is read to its end.",
+                        "content": {"application/json": {"schema": {
+                            "type": "object", "required": ["adopting", "static", "log_id"],
+                            "properties": {"adopting": {"type": "boolean"},
+                                           "static": {"type": "string", "nullable": True},
+                                           "log_id": {"type": "string", "nullable": True}}}}}},
+                **_AUTH_ERRORS,
+            },
+        }},
         "/admin/history": {"get": {
             "summary": "The time machine: the ranges as they were after a command offset, or at a time",
             "operationId": "history",
@@ -229,6 +245,16 @@ _DOCUMENT: dict[str, Any] = {
                     "poison_records": {"type": "integer"},
                     "commands_topic": {"type": "string"},
                     "ranges_topic": {"type": "string"},
+                    "stale_records": {"type": "integer",
+                                      "description": "View records of a fenced writer skipped (invariant 6)."},
+                    "unenforced_commands": {"type": "integer", "nullable": True,
+                                            "description": "Commands in the command log this view does not reflect yet."},
+                    "log_id": {"type": "string", "nullable": True, "description": "The log this view was read from."},
+                    "writer_claim": {"type": "integer", "nullable": True,
+                                     "description": "Offset of the latest writer claim read (the writer's fencing token)."},
+                    "static": {"type": "string", "nullable": True,
+                               "description": "Why this gateway holds its view static on a reset or foreign log "
+                                              "(null: it follows the log). POST /admin/adopt to adopt the new log."},
                     "workers": {"type": "array", "items": {"type": "object", "properties": {
                         "worker": {"type": "integer"}, "ready": {"type": "boolean"},
                         "applied_command": {"type": "integer"}}}},

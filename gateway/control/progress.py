@@ -19,14 +19,23 @@ class WorkerProgress:
 
     def __init__(self, workers: int) -> None:
         self.slots = multiprocessing.RawArray("q", [self.NOT_READY] * workers)
+        self.adoptions = multiprocessing.RawValue("q", 0)  # operator requests to adopt the log now there
 
     async def report(self, slot: int, follower: Any) -> None:
         """In worker `slot`: publish its progress whenever its follower applies a command (until cancelled)."""
+        adopted = self.adoptions.value
         await follower.ready.wait()
         while True:
             applied = follower.applied_command if follower.applied_command is not None else -1
             self.slots[slot] = applied
+            if self.adoptions.value != adopted:  # POST /admin/adopt reaches every worker's follower
+                adopted = self.adoptions.value
+                follower.adopt()
             await follower.wait_applied(applied + 1, timeout=1.0)
+
+    def adopt(self) -> None:
+        """In the supervisor: tell every worker's follower to adopt the log the view topic holds now."""
+        self.adoptions.value += 1
 
     def reset(self, slot: int) -> None:
         """The worker in `slot` exited: not ready until its replacement reports."""

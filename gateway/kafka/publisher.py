@@ -24,7 +24,7 @@ from ..blacklist.commands import (
     parse_network,
 )
 from .config import KafkaConfig
-from .topics import ensure_topics
+from .topics import ensure_topics, no_auto_create
 
 MAX_REPORTED_ERRORS = 20
 START_TIMEOUT_S = 10.0  # LazyPublisher: how long the first use waits for the broker
@@ -126,13 +126,13 @@ class Publisher:
     def __init__(self, kafka: KafkaConfig, *, create_topics: bool = True) -> None:
         self.kafka = kafka
         self._create_topics = create_topics
-        self._producer = AIOKafkaProducer(
+        self._producer = no_auto_create(AIOKafkaProducer(
             bootstrap_servers=kafka.bootstrap,
             client_id="gateway-publisher",
             acks="all",
             linger_ms=0,  # single commands go at once; bulk sends build whole batches (BatchWriter)
             max_batch_size=1 << 20,
-        )
+        ))
 
     async def start(self) -> None:
         if self._create_topics:  # first: a producer's metadata request could auto-create it wrongly

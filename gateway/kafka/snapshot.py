@@ -44,6 +44,8 @@ class Snapshot:
     delete_retention_ms: int
     offsets: dict[int, int]
     records: list[tuple[str, str]] = field(repr=False)
+    claim: dict | None = None  # the latest writer claim read (offset, log_id, ...): the log and the fencing token
+    signatures: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # the last record read, per partition
 
     def age(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.written_at
@@ -61,8 +63,10 @@ def write(
     offsets: dict[int, int],
     delete_retention_ms: int,
     written_at: float | None = None,
+    claim: dict | None = None,
+    signatures: dict[int, tuple[int, int, int]] | None = None,
 ) -> None:
-    """Write a snapshot atomically. `ranges` and `offsets` must describe the same moment."""
+    """Write a snapshot atomically. `ranges`, `offsets` and `signatures` must describe the same moment."""
     path = Path(path)
     header = {
         "format": FORMAT,
@@ -70,6 +74,8 @@ def write(
         "written_at": time.time() if written_at is None else written_at,
         "delete_retention_ms": delete_retention_ms,
         "offsets": {str(p): o for p, o in offsets.items()},
+        "claim": claim,
+        "signatures": {str(p): list(sig) for p, sig in (signatures or {}).items()},
     }
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -102,6 +108,8 @@ def read(path: str | os.PathLike) -> Snapshot:
                 delete_retention_ms=int(header["delete_retention_ms"]),
                 offsets={int(p): int(o) for p, o in header["offsets"].items()},
                 records=[],
+                claim=header.get("claim"),
+                signatures={int(p): tuple(int(x) for x in sig) for p, sig in header.get("signatures", {}).items()},
             )
             for number, line in enumerate(file, start=2):
                 first, sep, last = line.rstrip("\n").partition(" ")
@@ -142,10 +150,13 @@ async def keep_writing(path: str | os.PathLike, follower: Any, kafka: KafkaConfi
 
     Checks every `interval_s`, and once more when cancelled (a clean stop leaves a fresh file).
     The view and offsets are copied in one synchronous step, while no command is half applied;
-    the file is written in a thread.
+    the file is written in a thread. Never while the follower holds its view static on a reset
+    or foreign log (invariant 7): the file keeps the last view of the log it trusted.
     """
     retention: int | None = None
-    written: dict[int, int] | None = None
+    # Ready at start means started from this very file: nothing to write until the view moves on
+    # (rewriting it would make an old view look freshly read).
+    written: dict[int, int] | None = dict(follower.applied_offsets) if follower.ready.is_set() else None
     loop = asyncio.get_running_loop()
 
     async def write_if_moved() -> None:
@@ -156,7 +167,7 @@ async def keep_writing(path: str | os.PathLike, follower: Any, kafka: KafkaConfi
             except Exception as exc:  # noqa: BLE001 - broker down: try again next time
                 log.info("snapshot: topic retention unknown yet (%r); not writing", exc)
                 return
-        if not follower.ready.is_set():
+        if not follower.ready.is_set() or follower.static is not None:
             return
         offsets = dict(follower.applied_offsets)  # the view holds exactly the records before these
         if offsets == written:
@@ -164,7 +175,8 @@ async def keep_writing(path: str | os.PathLike, follower: Any, kafka: KafkaConfi
         ranges = list(follower.view.ranges())
         started = time.monotonic()
         await loop.run_in_executor(None, functools.partial(
-            write, path, topic=kafka.ranges_topic, ranges=ranges, offsets=offsets, delete_retention_ms=retention))
+            write, path, topic=kafka.ranges_topic, ranges=ranges, offsets=offsets, delete_retention_ms=retention,
+            **identity(follower, offsets)))
         written = offsets
         log.info("snapshot written: %d ranges in %.2f s", len(ranges), time.monotonic() - started,
                  extra={"snapshot": str(path), "offsets": offsets})
@@ -178,7 +190,17 @@ async def keep_writing(path: str | os.PathLike, follower: Any, kafka: KafkaConfi
             await asyncio.sleep(interval_s)
     except asyncio.CancelledError:
         with contextlib.suppress(OSError, asyncio.CancelledError):
-            if retention is not None and follower.ready.is_set():
-                write(path, topic=kafka.ranges_topic, ranges=follower.view.ranges(), offsets=dict(follower.applied_offsets),
-                      delete_retention_ms=retention)
+            if retention is not None and follower.ready.is_set() and follower.static is None and \
+                    dict(follower.applied_offsets) != written:
+                offsets = dict(follower.applied_offsets)
+                write(path, topic=kafka.ranges_topic, ranges=follower.view.ranges(), offsets=offsets,
+                      delete_retention_ms=retention, **identity(follower, offsets))
         raise
+
+
+def identity(follower: Any, offsets: dict[int, int]) -> dict[str, Any]:
+    """The latest claim a follower read (its log and fencing token), and its last records where they match `offsets`."""
+    signatures = {p: sig for p, sig in getattr(follower, "signatures", {}).items() if offsets.get(p) == sig[0] + 1}
+    claim = getattr(follower, "claim", None)
+    return {"claim": None if claim is None else {"offset": claim.offset, **json.loads(claim.value())},
+            "signatures": signatures}

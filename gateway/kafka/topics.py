@@ -9,14 +9,50 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+import types
+from typing import Protocol, TypeVar
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from ..blacklist.commands import Command, CommandError, parse_command
 from .config import KafkaConfig
+
+
+def _metadata_update_without_auto_create():
+    """aiokafka's AIOKafkaClient._metadata_update, asking with allow_auto_topic_creation=false."""
+    import aiokafka.client
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    class NoAutoCreate(MetadataRequest):
+        def __init__(self, topics=None, allow_auto_topic_creation=False):
+            super().__init__(topics, allow_auto_topic_creation)
+
+    method = aiokafka.client.AIOKafkaClient._metadata_update
+    names = {**method.__globals__, "MetadataRequest": NoAutoCreate}
+    return types.FunctionType(method.__code__, names, method.__name__, method.__defaults__, method.__closure__)
+
+
+_METADATA_UPDATE = _metadata_update_without_auto_create()
+
+Client = TypeVar("Client", AIOKafkaConsumer, AIOKafkaProducer)
+
+
+def no_auto_create(client: Client) -> Client:
+    """Make a client's metadata requests never create a topic (DESIGN invariant 7, issue 10).
+
+    aiokafka asks with allow_auto_topic_creation=true; a broker that honours it (Tansu, Kafka with
+    auto.create.topics.enable) recreated a reset commands topic with its defaults (4 partitions) the
+    moment the materializer's subscription refreshed its metadata. Topics are made by ensure_topics
+    only; a missing topic is an error the reader reports and retries. Every client this package
+    makes goes through here; other clients in the process keep aiokafka's behaviour.
+    """
+    # aiokafka has no option for it: rebind the one method that asks, on this client only.
+    inner = client.client if isinstance(client, AIOKafkaProducer) else client._client
+    inner._metadata_update = types.MethodType(_METADATA_UPDATE, inner)
+    return client
+
 
 TOPIC_ALREADY_EXISTS = 36
 DEFAULT_DELETE_RETENTION_MS = 86_400_000  # Kafka's default when the topic does not set it
@@ -24,19 +60,22 @@ COMMANDS_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.polic
 RANGES_CONFIG = {"cleanup.policy": "compact"}
 
 
-def log_reader(bootstrap: str, client_id: str, *, fetch_max_wait_ms: int = 50) -> AIOKafkaConsumer:
+def log_reader(bootstrap: str, client_id: str, *, fetch_max_wait_ms: int = 50, reset: str = "earliest") -> AIOKafkaConsumer:
     """A consumer that reads whole topics by assignment (no group, no commits), committed
-    records only, in large fetches: what bootstrapping, recovery and replay need."""
-    return AIOKafkaConsumer(
+    records only, in large fetches: what bootstrapping, recovery and replay need.
+
+    `reset="none"`: a position out of the topic's range raises instead of jumping to its start
+    (a follower must notice a reset log, never read it on top of the old one)."""
+    return no_auto_create(AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         client_id=client_id,
         enable_auto_commit=False,
-        auto_offset_reset="earliest",
+        auto_offset_reset=reset,
         isolation_level="read_committed",
         fetch_max_wait_ms=fetch_max_wait_ms,
         max_partition_fetch_bytes=16 << 20,
         fetch_max_bytes=64 << 20,
-    )
+    ))
 
 
 class TopicError(RuntimeError):
@@ -149,3 +188,18 @@ def header(headers: Iterable[tuple[str, bytes]], name: str) -> bytes | None:
         if key == name:
             return value
     return None
+
+
+async def true_end(consumer: AIOKafkaConsumer, tp: TopicPartition) -> tuple[int, int]:
+    """(first offset, true end offset) of a partition the consumer is assigned to; moves its position.
+
+    The end offset a broker reports may fall short of the last record + 1 (Tansu: the last
+    batch's base offset + 1), so the last batch is read to find where it really ends.
+    """
+    first = (await consumer.beginning_offsets([tp]))[tp]
+    end = (await consumer.end_offsets([tp]))[tp]
+    if end <= first:
+        return first, end
+    consumer.seek(tp, end - 1)
+    await read_to_end(consumer, [tp], lambda _tp, _records: None, end_offsets={tp: end})
+    return first, max(end, await consumer.position(tp))

@@ -1,59 +1,197 @@
-"""Reading the view topic into a RangeSet: what followers and the materializer's recovery share.
+"""Reading the view topic: the reader rules every reader shares (DESIGN invariants 6, 7 and 10).
 
-Poison view records (no key, not UTF-8, not a range) are skipped, counted on the reader's
-`poison` attribute and logged with their offset; they never stop a reader.
+Record by record, in log order:
+- a record keyed `__writer__` is a writer claim: its offset is the fencing token of the writer
+  that appended it, its JSON value names the log (`log_id`) and the commands topic it folds;
+- a data record written after a claim must carry `writer` = that claim's offset; one with an
+  older (or no, or any other) writer was written by a writer that had lost the role: it is
+  stale, skipped and counted. Records before the first claim read are the pre-claim format;
+- a data record whose key or value is not the canonical text of an address, or that is not a
+  range, is poison: skipped, counted, logged with its offset. A tombstone of a key that is
+  no canonical address removes nothing anyone holds: it is ignored (the writer's repair).
+
+Skipped records never change what a reader holds, whether it bootstraps (ViewLoader, last
+value per key) or follows record by record (ViewRules.read then RangeSet.put): both paths
+end with the same ranges. Each key whose last record was skipped is remembered (`bad_keys`)
+so a writer can re-publish its own value for it: compaction would otherwise keep it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Union
 
 from aiokafka.structs import ConsumerRecord
 
-from ..blacklist.ranges import Change, RangeSet
-from .topics import PoisonCounter
+from ..blacklist.addresses import format_address, parse_address
+from ..blacklist.ranges import RangeSet
+from .topics import PoisonCounter, header
 
 log = logging.getLogger("gateway.view")
 
+CLAIM_KEY = b"__writer__"
 
-def store_view_record(view: RangeSet, record: ConsumerRecord, counter: PoisonCounter) -> Change | None:
-    """Store one view record as the topic holds it; count and log it as poison when malformed."""
-    try:
-        if record.key is None:
-            raise ValueError("no key")
-        value = record.value.decode() if record.value is not None else None
-        return view.store(record.key.decode(), value)
-    except (ValueError, UnicodeDecodeError) as exc:
-        counter.poison += 1
-        log.warning("skipping poison view record at offset %d: %s", record.offset, exc)
+
+@dataclass(frozen=True)
+class Claim:
+    """A writer claim as stored: its offset is the writer's fencing token."""
+
+    offset: int
+    log_id: str
+    commands_topic: str
+    new_log: bool = False  # an operator started this log on purpose (`materialize --new-log`)
+    refold: bool = False  # this writer rebuilt the view from the whole command log
+
+    def value(self) -> bytes:
+        body = asdict(self)
+        del body["offset"]
+        return json.dumps(body, sort_keys=True).encode()
+
+    @staticmethod
+    def parse(offset: int, value: bytes | None) -> Claim:
+        """Raise ValueError when the value is not a claim."""
+        body = json.loads(value or b"")
+        if not isinstance(body, dict) or not isinstance(body.get("log_id"), str) or not body["log_id"]:
+            raise ValueError("claim without a log_id")
+        return Claim(offset, body["log_id"], str(body.get("commands_topic", "")),
+                     bool(body.get("new_log", False)), bool(body.get("refold", False)))
+
+
+def new_log_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A data record as parsed: (version, first address, last address or None for a tombstone)."""
+
+    version: int
+    start: int
+    end: int | None
+
+
+Entry = Union[Claim, Span, None]
+
+
+def canonical(text: str) -> tuple[int, int]:
+    """Parse an address that must be in canonical text (`2001:db8::`, never `2001:DB8::`)."""
+    version, value = parse_address(text)
+    if format_address(version, value) != text:
+        raise ValueError(f"not the canonical text of an address: {text!r}")
+    return version, value
+
+
+class ViewRules:
+    """The reader rules, applied to one reader's records in log order. Counts what it skips:
+    `counter.poison` for malformed records, `stale` for records of a fenced writer."""
+
+    def __init__(self, counter: PoisonCounter, claim: Claim | None = None) -> None:
+        self.claim = claim  # the latest claim read
+        self.stale = 0
+        self.bad_keys: set[bytes] = set()  # keys whose last record was skipped (to repair)
+        self.unknown_writer: int | None = None  # a writer newer than any claim read: another log
+        self._counter = counter
+
+    def read(self, record: ConsumerRecord) -> Entry:
+        """The claim or data the record carries, or None when it must be skipped."""
+        key = record.key
+        if key == CLAIM_KEY:
+            try:
+                self.claim = Claim.parse(record.offset, record.value)
+            except (ValueError, UnicodeDecodeError) as exc:
+                return self._poison(record, f"bad writer claim: {exc}")
+            return self.claim
+        if self.claim is not None:
+            writer = header(record.headers, "writer")
+            if writer != str(self.claim.offset).encode():
+                if writer is not None and writer.isdigit() and int(writer) > self.claim.offset:
+                    self.unknown_writer = int(writer)
+                self.stale += 1
+                if key is not None:
+                    self.bad_keys.add(key)
+                log.warning("skipping stale view record at offset %d: writer %s, latest claim at offset %d",
+                            record.offset, writer.decode(errors="replace") if writer else "missing", self.claim.offset)
+                return None
+        if key is None:
+            return self._poison(record, "no key")
+        try:
+            text = key.decode()
+            if record.value is None:
+                try:
+                    version, start = canonical(text)
+                except ValueError:
+                    self.bad_keys.discard(key)
+                    return None  # a tombstone of a non-address: removes nothing
+                span = Span(version, start, None)
+            else:
+                version, start = canonical(text)
+                end_version, end = canonical(record.value.decode())
+                if end_version != version or end < start:
+                    raise ValueError(f"{text!r} = {record.value.decode()!r} is not a range")
+                span = Span(version, start, end)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self.bad_keys.add(key)
+            return self._poison(record, str(exc))
+        self.bad_keys.discard(key)
+        return span
+
+    def _poison(self, record: ConsumerRecord, why: str) -> None:
+        self._counter.poison += 1
+        log.warning("skipping poison view record at offset %d: %s", record.offset, why)
         return None
 
 
+def repair_records(view: RangeSet, keys: set[bytes]) -> list[tuple[str, str | None]]:
+    """The records that make `view` again the last record of every key in `keys`: its own
+    value where it holds one, else a tombstone."""
+    records = []
+    for key in sorted(keys):
+        text = key.decode(errors="replace")
+        try:
+            version, start = canonical(key.decode())
+        except (ValueError, UnicodeDecodeError):
+            records.append((text, None))
+            continue
+        end = view.get(version, start)
+        records.append((text, None if end is None else format_address(version, end)))
+    return records
+
+
 class ViewLoader:
-    """Collects a whole view (last value per key wins, as compaction would leave it) and loads it
-    in one pass with RangeSet.from_view: the bootstrap path, much faster than storing each record.
+    """Collects a whole view (the last valid value per key, as compaction would leave it once
+    the writer repaired what was skipped) and loads it in one pass: the bootstrap path, much
+    faster than storing each record. Also tracks the highest command of the view and whether
+    its `last` record is there (the materializer's checkpoint)."""
 
-    A malformed record counts as poison; unlike `store`, it also hides an earlier value of its key.
-    """
+    def __init__(self, counter: PoisonCounter, claim: Claim | None = None) -> None:
+        self.rules = ViewRules(counter, claim)
+        self.latest: dict[tuple[int, int], int | None] = {}
+        self.highest: int | None = None  # highest command-offset of a record read
+        self.complete = False  # whether that command's `last` record was read
+        self.applied: int | None = None  # highest command-offset of a `last` record read
+        self.claims: list[Claim] = []
 
-    def __init__(self, counter: PoisonCounter) -> None:
-        self.latest: dict[bytes, bytes | None] = {}
-        self._counter = counter
-
-    def add(self, record: ConsumerRecord) -> None:
-        if record.key is None:
-            self._counter.poison += 1
-            log.warning("skipping poison view record at offset %d: no key", record.offset)
-        else:
-            self.latest[record.key] = record.value
+    def add(self, record: ConsumerRecord) -> Entry:
+        entry = self.rules.read(record)
+        if isinstance(entry, Claim):
+            self.claims.append(entry)
+            if entry.refold:  # the view is rebuilt from the whole command log: earlier tags count no more
+                self.highest, self.complete, self.applied = None, False, None
+        elif entry is not None:
+            self.latest[(entry.version, entry.start)] = entry.end
+            tag = header(record.headers, "command-offset")
+            if tag is not None and tag.isdigit():
+                offset, last = int(tag), header(record.headers, "last") is not None
+                if self.highest is None or offset > self.highest:
+                    self.highest, self.complete = offset, last
+                elif offset == self.highest:
+                    self.complete = self.complete or last
+                if last and (self.applied is None or offset > self.applied):
+                    self.applied = offset
+        return entry
 
     def load(self) -> RangeSet:
-        def poison(record, exc) -> None:
-            self._counter.poison += 1
-            log.warning("skipping poison view record %r = %r: %s", record[0], record[1], exc)
-
-        records = (
-            (key.decode(errors="replace"), value.decode(errors="replace") if value is not None else None)
-            for key, value in self.latest.items()
-        )
-        return RangeSet.from_view(records, on_error=poison)
+        return RangeSet.from_spans((v, s, e) for (v, s), e in self.latest.items() if e is not None)

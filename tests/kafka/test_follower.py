@@ -14,7 +14,7 @@ from gateway.blacklist.commands import parse_command
 from gateway.blacklist.ranges import RangeSet, fold
 from gateway.broker import start_broker
 from gateway.kafka.config import KafkaConfig
-from gateway.kafka.follower import Follower
+from gateway.kafka.follower import STALE_PENDING_S, Follower
 from gateway.kafka.materializer import Materializer
 from gateway.kafka.publisher import Publisher
 from gateway.kafka.topics import ensure_topics
@@ -72,9 +72,14 @@ async def test_bootstrap_of_100k_ranges_is_not_ready_before_the_end_and_exact_af
     await write_view(kafka, ranges)
     follower = await follower_of(kafka)
     seen_before_ready = set()
-    while not follower.ready.is_set():
-        seen_before_ready.add(len(follower.view))
-        await asyncio.sleep(0.001)
+
+    def ready() -> bool:
+        if follower.ready.is_set():
+            return True
+        seen_before_ready.add(len(follower.view))  # sampled every millisecond until ready
+        return False
+
+    await eventually(ready, timeout=60, interval=0.001, what="bootstrap of 100k ranges")
     assert seen_before_ready == {0}  # nothing partial is ever served: the bootstrapped view is swapped in whole
     assert len(follower.view) == 100_000
     expected = RangeSet()
@@ -161,3 +166,35 @@ async def test_keeps_answering_while_the_broker_is_frozen_and_catches_up_after(o
         assert await eventually(lambda: follower.seconds_since_contact() < 1, timeout=10)
     finally:
         await publisher.stop()
+
+
+async def test_a_commands_records_are_applied_together_on_last_and_a_command_without_last_after_a_while(
+        kafka, follower_of):
+    """Followers apply a command's records when its `last` arrives (never half a command); a command
+    whose `last` never comes (its writer died) is applied after STALE_PENDING_S all the same."""
+    await ensure_topics(kafka)
+    follower = await follower_of(kafka)
+    await eventually(follower.ready.is_set, timeout=10)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+    await producer.start()
+    try:
+        async def send(key, value, tag, last=False):
+            headers = [("command-offset", tag)] + ([("last", b"1")] if last else [])
+            return await producer.send_and_wait(kafka.ranges_topic, value, key=key, partition=0, headers=headers)
+
+        await send(b"10.0.0.0", b"10.0.0.255", b"0", last=True)  # the seed: BLACKLIST 10.0.0.0/24
+        sent = await send(b"10.0.0.101", b"10.0.0.255", b"1")  # then WHITELIST 10.0.0.100: its first record
+        await eventually(lambda: follower.offsets.get(0, 0) > sent.offset, timeout=10, what="records read")
+        assert list(follower.view.ranges()) == [(4, 0x0A000000, 0x0A0000FF)]  # read, buffered, not applied
+        assert follower.applied_command == 0
+        await send(b"10.0.0.0", b"10.0.0.99", b"1", last=True)
+        await eventually(lambda: follower.applied_command == 1, timeout=10, what="command 1 applied")
+        assert list(follower.view.ranges()) == [(4, 0x0A000000, 0x0A000063), (4, 0x0A000065, 0x0A0000FF)]
+        sent = await send(b"10.0.1.0", b"10.0.1.255", b"2")  # its writer died before `last`
+        await eventually(lambda: follower.offsets.get(0, 0) > sent.offset, timeout=10, what="record read")
+        assert follower.view.find(4, 0x0A000100) is None  # pending: not applied yet
+        await eventually(lambda: follower.view.find(4, 0x0A000100) is not None, timeout=STALE_PENDING_S + 10,
+                         what="the command without `last` applied after STALE_PENDING_S")
+        assert follower.applied_command == 2 and follower.index.blocks("10.0.1.7")
+    finally:
+        await producer.stop()

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from gateway.blacklist.commands import CommandError
+from gateway.kafka.topics import ensure_topics
 from gateway.kafka.publisher import (
     ImportFileError,
     Publisher,
@@ -64,6 +65,7 @@ async def test_import_file_publishes_in_order_and_reports_offsets(kafka, read_to
 async def test_import_file_with_one_bad_line_sends_nothing(kafka, read_topic, tmp_path):
     path = tmp_path / "bad.netset"
     path.write_text("1.2.3.0/24\n" * 100 + "1.2.3.300\n")
+    await ensure_topics(kafka)  # readers never auto-create a topic
     with pytest.raises(ImportFileError, match="line 101:"):
         await import_file(kafka, path)
     assert await read_topic(kafka.commands_topic) == []
