@@ -78,8 +78,14 @@ def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
 
 
-def load_k8s() -> list[dict]:
-    return [doc for path in sorted((DEPLOY / "k8s").glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+K8S_SECRET_TEMPLATE = DEPLOY / "templates" / "k8s-secret.yaml"
+
+
+def load_k8s(*, with_secret: bool = True) -> list[dict]:
+    """What `kubectl apply -f deploy/k8s/` applies, plus (with_secret) the Secret the operator
+    creates from its template beforehand."""
+    paths = sorted((DEPLOY / "k8s").glob("*.yaml")) + ([K8S_SECRET_TEMPLATE] if with_secret else [])
+    return [doc for path in paths for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
 def interpolate(text: str) -> str:
@@ -639,7 +645,28 @@ def test_k8s_has_the_expected_objects() -> None:
 def test_k8s_secret_is_a_marked_placeholder() -> None:
     secret = by_kind(load_k8s(), "Secret")["gateway-admin"]
     assert "REPLACE-ME" in secret["stringData"]["GATEWAY_ADMIN_TOKEN"]
-    assert "PLACEHOLDER" in (DEPLOY / "k8s" / "secret.yaml").read_text()
+    assert "PLACEHOLDER" in K8S_SECRET_TEMPLATE.read_text()
+
+
+def test_k8s_apply_of_the_folder_never_overwrites_the_secret() -> None:
+    """`kubectl apply -f deploy/k8s/` after `kubectl create secret` must not put a placeholder back."""
+    applied = load_k8s(with_secret=False)
+    assert [d["metadata"]["name"] for d in applied if d["kind"] == "Secret"] == []
+    assert by_kind(load_k8s(), "Secret")  # the template the Deployment's secretKeyRef is checked against
+
+
+def test_k8s_pods_never_create_topics(cli: click.Command) -> None:
+    """Only the topics Job creates topics (with the cluster's replication): every gateway-image pod
+    runs with GATEWAY_CREATE_TOPICS=false, and the CLI reads it as creation off."""
+    invocations = k8s_invocations(load_k8s())
+    assert invocations
+    for _, _, inv, _ in invocations:
+        assert inv.env.get("GATEWAY_CREATE_TOPICS") == "false", inv.source
+        with environ(inv.env):
+            ctx = cli.make_context("gateway", list(inv.argv[1:]))
+            sub = cli.commands[inv.subcommand]  # type: ignore[attr-defined]
+            rest = ctx._protected_args[1:] if hasattr(ctx, "_protected_args") else ctx.protected_args[1:]
+            assert sub.make_context(inv.subcommand, [*rest, *ctx.args], parent=ctx).params["create_topics"] is False
 
 
 def test_k8s_topics_job_creates_the_design_topics(cli: click.Command) -> None:
@@ -671,7 +698,7 @@ def gateway_container(docs: list[dict]) -> dict:
         (lambda d: gateway_container(d)["args"].__setitem__(2, "0.0.0.0:9090"), "containerPort http"),
         (lambda d: gateway_container(d)["args"].append("--no-such-flag"), "No such option"),
         (lambda d: by_kind(d, "ConfigMap")["gateway-serve"]["data"].update(GATEWAY_BUDGET="5"), "GATEWAY_BUDGET"),
-        (lambda d: by_kind(d, "ConfigMap")["gateway-serve"]["data"].update(GATEWAY_WORKERS="many"), "workers"),
+        (lambda d: by_kind(d, "ConfigMap")["gateway-serve"]["data"].update(GATEWAY_SERVE_WORKERS="many"), "workers"),
         (lambda d: gateway_container(d)["env"][0]["valueFrom"]["secretKeyRef"].update(key="TOKEN"), "missing"),
         (lambda d: by_kind(d, "Service")["gateway-admin"]["spec"]["ports"][0].update(targetPort=9999), "targetPort"),
         (lambda d: by_kind(d, "Deployment")["gateway-materializer"]["spec"].update(replicas=2), "Recreate"),
