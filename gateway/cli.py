@@ -415,11 +415,13 @@ def bidder(listen: tuple[str, int]) -> None:
 @option("--admin-port", default=8081, show_default=True, type=click.IntRange(0, 65535))
 @option("--bidder-port", default=9000, show_default=True, type=click.IntRange(0, 65535))
 @option("--kafka-port", default=0, show_default=True, type=click.IntRange(0, 65535), help="0: a free port.")
-def demo(port: int, admin_port: int, bidder_port: int, kafka_port: int) -> None:
-    """Run everything on this machine: broker, materializer, demo bidder and gateway."""
+@option("--keep-logs", is_flag=True, help="Keep the children's log folder after a clean stop too.")
+def demo(port: int, admin_port: int, bidder_port: int, kafka_port: int, keep_logs: bool) -> None:
+    """Run everything on this machine: broker, materializer, demo bidder and gateway (any port 0: a free one)."""
     from .demo import run_demo
 
-    sys.exit(run_demo(port=port, admin_port=admin_port, bidder_port=bidder_port, kafka_port=kafka_port))
+    sys.exit(run_demo(port=port, admin_port=admin_port, bidder_port=bidder_port, kafka_port=kafka_port,
+                      keep_logs=keep_logs))
 
 
 name_envvars(cli)
