@@ -143,7 +143,9 @@ def run_kafka(kafka: KafkaConfig, coro_factory: Callable[[], Any], *, timeout: f
         problem = str(exc)
     except (KafkaError, OSError) as exc:
         problem = f"Kafka at {kafka.bootstrap} failed: {exc}"
-    raise KafkaTrouble(" ".join(filter(None, [problem, what()])))
+    known = what()
+    raise KafkaTrouble(f"{problem.rstrip('.')}. {known}" if known and not problem.endswith("?") else
+                       " ".join(filter(None, [problem, known])))
 
 
 def quiet_kafka_client() -> None:
