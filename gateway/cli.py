@@ -243,10 +243,6 @@ def materialize(kafka: KafkaConfig | None, admin_listen: tuple[str, int] | None,
 MATERIALIZE_BACKOFF_S = (1.0, 30.0)  # first and longest pause between attempts
 
 
-def not_a_connect_error(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Unable connect to")
-
-
 async def materialize_retrying(kafka: KafkaConfig, **settings: Any) -> None:
     """`materialize` until SIGTERM/SIGINT; when the broker cannot be reached or the topics are
     wrong, one WARNING line per attempt and a growing pause, as `serve`'s follower retries."""
@@ -256,7 +252,6 @@ async def materialize_retrying(kafka: KafkaConfig, **settings: Any) -> None:
     from .kafka.topics import TopicError
 
     log = logging.getLogger("gateway.materializer")
-    logging.getLogger("aiokafka").addFilter(not_a_connect_error)  # the line below says it, once
     loop = asyncio.get_running_loop()
     delay = MATERIALIZE_BACKOFF_S[0]
     while True:
