@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import venv
@@ -65,14 +66,16 @@ def _sbin_path() -> str:
 
 
 def run(command: list[str], **kwargs) -> int:
-    """Run a child in the foreground. Ctrl-C reaches it too (same process group): wait for it
-    to stop cleanly instead of leaving it behind with a traceback."""
+    """Run a child in the foreground and wait for it to stop cleanly. SIGINT is passed on: the
+    terminal's Ctrl-C reaches the child anyway (same process group), a `kill -INT` of this PID
+    would not; twice is harmless (the child's handlers only ask it to stop)."""
     child = subprocess.Popen(command, **kwargs)
     while True:
         try:
             return child.wait()
         except KeyboardInterrupt:
-            continue
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
 
 
 def main(argv: list[str]) -> int:

@@ -108,3 +108,23 @@ def test_port_0_ctrl_c_stops_children_in_order_and_a_clean_stop_leaves_no_folder
         code = demo.ctrl_c()
     assert code == 0, demo.text
     assert list((tmp_path / "clean").iterdir()) == []  # a clean stop removes its log folder
+
+
+def test_dev_py_passes_sigint_sent_to_its_own_pid_on_to_the_child() -> None:
+    """`kill -INT <pid of python3 dev.py demo>` stops the demo (a terminal's Ctrl-C reaches both)."""
+    root = Path(__file__).resolve().parents[1]
+    child = ("import signal, sys, time; signal.signal(signal.SIGINT, lambda *_: (print('stopping', flush=True),"
+             " sys.exit(0))); print('ready', flush=True); time.sleep(60); sys.exit(3)")
+    runner = subprocess.Popen(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(root)!r}); import dev;"
+                               f" sys.exit(dev.run([sys.executable, '-c', {child!r}]))"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert runner.stdout.readline() == "ready\n"
+        runner.send_signal(signal.SIGINT)  # to dev.py's PID only, not its group
+        assert runner.wait(30) == 0
+        assert runner.stdout.read() == "stopping\n"
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait()
