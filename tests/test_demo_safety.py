@@ -115,10 +115,11 @@ def test_dev_py_passes_sigint_sent_to_its_own_pid_on_to_the_child() -> None:
     root = Path(__file__).resolve().parents[1]
     child = ("import signal, sys, time; signal.signal(signal.SIGINT, lambda *_: (print('stopping', flush=True),"
              " sys.exit(0))); print('ready', flush=True); time.sleep(60); sys.exit(3)")
-    runner = subprocess.Popen(
+    runner = subprocess.Popen(  # started with SIGINT ignored, as `python3 dev.py demo &` in a script is
         [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(root)!r}); import dev;"
                                f" sys.exit(dev.run([sys.executable, '-c', {child!r}]))"],
-        stdout=subprocess.PIPE, text=True, start_new_session=True)
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         assert runner.stdout.readline() == "ready\n"
         runner.send_signal(signal.SIGINT)  # to dev.py's PID only, not its group
