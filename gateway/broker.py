@@ -37,6 +37,17 @@ def free_port(host: str = HOST) -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """True when something listens on host:port (probed as servers bind: SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def kafka_answers(host: str, port: int, timeout: float = 1.0) -> bool:
     """True when host:port answers a Kafka ApiVersions (v0) request: a listening socket is not enough."""
     client_id = b"gateway-probe"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import signal
@@ -279,9 +280,15 @@ async def materialize_retrying(kafka: KafkaConfig, **settings: Any) -> None:
 @option("--port", default=9092, show_default=True, type=click.IntRange(0, 65535))
 def broker(port: int) -> None:
     """Run the embedded Kafka-compatible broker (Tansu, in memory) for development."""
-    from .broker import run_broker
+    from .broker import port_in_use, run_broker
 
-    run_broker(port)
+    if port and port_in_use(port):
+        raise click.ClickException(f"port {port} is already in use on 127.0.0.1: stop what holds it, or pick"
+                                   " another with --port (0: a free one)")
+    try:
+        run_broker(port)
+    except RuntimeError as exc:  # no broker binary, or it did not start
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.group()
@@ -404,7 +411,13 @@ def bidder(listen: tuple[str, int]) -> None:
     """Run the demo bidder: answers OpenRTB-shaped POSTs with a bid."""
     from .bidder import serve_bidder
 
-    run_async(serve_bidder(*listen))
+    try:
+        run_async(serve_bidder(*listen))
+    except OSError as exc:  # the port is taken, or the address is not this host's
+        if exc.errno == errno.EADDRINUSE:
+            raise click.ClickException(f"port {listen[1]} is already in use on {listen[0]}: stop what holds it,"
+                                       " or pick another with --listen") from None
+        raise click.ClickException(f"cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}") from None
 
 
 @cli.command()

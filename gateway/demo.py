@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .broker import _die_with_parent, free_port, start_broker, stop_pid
+from .broker import _die_with_parent, free_port, port_in_use, start_broker, stop_pid
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 60.0
@@ -74,17 +73,6 @@ def _answers(url: str, token: str | None = None) -> int | None:
         return exc.code
     except (urllib.error.URLError, OSError):
         return None
-
-
-def port_in_use(port: int) -> bool:
-    """True when something listens on HOST:port (bound as our servers bind: SO_REUSEADDR)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((HOST, port))
-        except OSError:
-            return True
-    return False
 
 
 def port_problem(ports: dict[str, int]) -> str | None:

@@ -79,6 +79,18 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None
     assert (run.returncode, one_line_error(run)) == (2, message)
 
 
+@pytest.mark.parametrize("command, flag", [("broker", "--port"), ("bidder", "--listen")])
+def test_a_busy_port_is_one_line_and_exit_1(command: str, flag: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", free_port()))
+        holder.listen()
+        port = holder.getsockname()[1]
+        run = gateway(command, flag, str(port) if flag == "--port" else f"127.0.0.1:{port}")
+    hint = "--port (0: a free one)" if command == "broker" else "--listen"
+    assert (run.returncode, one_line_error(run)) == (
+        1, f"Error: port {port} is already in use on 127.0.0.1: stop what holds it, or pick another with {hint}")
+
+
 def test_help_of_a_subcommand_needs_no_kafka_and_version_is_there() -> None:
     run = gateway("ctl", "blacklist", "--help")
     assert run.returncode == 0 and run.stdout.startswith("Usage: gateway ctl blacklist [OPTIONS] CIDR"), run.stderr
