@@ -18,6 +18,7 @@ import contextlib
 import errno
 import functools
 import logging
+import os
 import signal
 import sys
 from datetime import datetime, timezone
@@ -450,6 +451,9 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.Abort:
         click.echo("Aborted!", err=True)
+        sys.exit(1)
+    except BrokenPipeError:  # `gateway ctl replay ... | head`: the reader left (Python's documented way out)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
