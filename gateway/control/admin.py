@@ -400,19 +400,26 @@ async def _publish(app: web.Application, command: Any, key: str | None, reason: 
     limit = app[PUBLISH_TIMEOUT]
     try:
         offset = await asyncio.wait_for(asyncio.shield(task), limit)
-    except (KafkaConnectionError, TopicError) as exc:  # raised before anything was sent
-        log.warning("admin: publishing %s failed: %r", command, exc, extra={"request_id": request_id})
-        raise ApiError(503, f"the broker cannot be reached ({exc!r}): not published, safe to retry",
-                       headers=echo, request_id=request_id, published=False) from None
-    except Exception as exc:  # noqa: BLE001 - timeout or a failure after sending: unknown outcome
-        log.warning("admin: publishing %s unconfirmed: %r", command, exc, extra={"request_id": request_id})
-        how = f"did not confirm the command within {limit:g} s" if isinstance(exc, asyncio.TimeoutError) else f"failed ({exc!r})"
-        retry = "retry with the same Idempotency-Key (it never publishes twice)" if key else             "send an Idempotency-Key next time to retry safely"
-        raise ApiError(503, f"the broker {how}: the command may have been published (it can still land). Look it up"
-                            f" with GET /admin/commands?request_id={request_id}, or {retry}.",
-                       headers=echo, request_id=request_id, published=None) from None
+    except Exception as exc:  # noqa: BLE001 - said below: not sent, or unknown
+        never_sent = isinstance(exc, (KafkaConnectionError, TopicError)) and not getattr(app[PUBLISHER], "started", True)
+        _unconfirmed(command, exc, never_sent, key, limit, request_id, echo)
     log.info("admin: published %s", command, extra={"offset": offset, "request_id": request_id, "reason": reason})
     return offset
+
+
+def _unconfirmed(command: Any, exc: Exception, never_sent: bool, key: str | None, limit: float, request_id: str,
+                 echo: dict[str, str]) -> None:
+    """Raise the 503 that says what is known: nothing sent (the producer never started), or unknown."""
+    log.warning("admin: publishing %s unconfirmed: %r", command, exc, extra={"request_id": request_id})
+    if never_sent:
+        raise ApiError(503, f"the broker cannot be reached ({exc!r}): not published, safe to retry",
+                       headers=echo, request_id=request_id, published=False)
+    how = f"did not confirm the command within {limit:g} s" if isinstance(exc, asyncio.TimeoutError) else f"failed ({exc!r})"
+    retry = "retry with the same Idempotency-Key (it never publishes twice)" if key else \
+        "send an Idempotency-Key next time to retry safely"
+    raise ApiError(503, f"the broker {how}: the command may have been published (it can still land). Look it up"
+                        f" with GET /admin/commands?request_id={request_id}, or {retry}.",
+                   headers=echo, request_id=request_id, published=None)
 
 
 def _settled(app: web.Application, task: asyncio.Future, key: str | None, command: str, reason: str | None,

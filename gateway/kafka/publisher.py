@@ -266,6 +266,11 @@ class LazyPublisher:
         self._publisher: Publisher | None = None
         self._lock = asyncio.Lock()
 
+    @property
+    def started(self) -> bool:
+        """Whether the producer is up; a failure while it is not sent nothing (admin API's 503)."""
+        return self._publisher is not None
+
     async def publish(self, command: Any, **headers: Any) -> int:
         async with self._lock:
             if self._publisher is None:
