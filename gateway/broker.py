@@ -37,6 +37,17 @@ def free_port(host: str = HOST) -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """True when something listens on host:port (probed as servers bind: SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def kafka_answers(host: str, port: int, timeout: float = 1.0) -> bool:
     """True when host:port answers a Kafka ApiVersions (v0) request: a listening socket is not enough."""
     client_id = b"gateway-probe"
@@ -108,8 +119,12 @@ def stop_pid(process: subprocess.Popen, timeout: float = 5.0) -> int | None:
     return process.returncode
 
 
-def start_broker(port: int = 0, host: str = HOST, timeout: float = 15.0, log=subprocess.DEVNULL) -> Broker:
-    """Start Tansu with memory storage on host:port (0 = a free port) and wait until it speaks Kafka."""
+def start_broker(port: int = 0, host: str = HOST, timeout: float = 15.0, log=subprocess.DEVNULL,
+                 new_session: bool = False) -> Broker:
+    """Start Tansu with memory storage on host:port (0 = a free port) and wait until it speaks Kafka.
+
+    `new_session`: out of the caller's process group, so a terminal's Ctrl-C does not reach it
+    and the caller stops it when its clients are gone (the demo)."""
     binary = tansu_path()
     attempts = 3 if port == 0 else 1
     for attempt in range(attempts):
@@ -118,7 +133,7 @@ def start_broker(port: int = 0, host: str = HOST, timeout: float = 15.0, log=sub
         process = subprocess.Popen(
             [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=new_session,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         deadline = time.monotonic() + timeout

@@ -1,9 +1,27 @@
-"""The `gateway` command line. Every flag also reads the environment variable GATEWAY_<FLAG>."""
+"""The `gateway` command line.
+
+Environment variables: every flag of a command reads GATEWAY_<COMMAND>_<FLAG>
+(GATEWAY_SERVE_LISTEN, GATEWAY_BIDDER_LISTEN, GATEWAY_CTL_IMPORT_ACTOR; see name_envvars),
+so one variable never reaches two commands that mean different things by it. The settings
+that mean the same everywhere keep one global name (GLOBAL below: GATEWAY_KAFKA,
+GATEWAY_ADMIN_TOKEN, ...). Flags that change what a command does to the log
+(`import --whitelist`) read no variable at all.
+
+Errors are one line on stderr and a non-zero exit: 2 for bad input, 1 for trouble with
+the broker (after a bounded time), never a traceback.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import functools
+import logging
+import os
+import signal
 import sys
+from datetime import datetime, timezone
 from collections.abc import Callable
 from typing import Any
 
@@ -18,24 +36,80 @@ from .kafka.config import (
 )
 
 
+ENV_PREFIX = "GATEWAY"
+# Flags with one meaning in every command: one global variable each (documented in README).
+GLOBAL = {"--kafka", "--commands-topic", "--ranges-topic", "--create-topics", "--replication-factor",
+          "--admin-token", "--json-logs"}
+KAFKA_TIMEOUT_S = 10.0  # how long a one-shot command (ctl) waits for the broker
+
+
 def option(*names: str, **kwargs: Any) -> Callable:
-    """A click option whose environment variable is GATEWAY_<LONG NAME>."""
-    long_name = next(n for n in names if n.startswith("--"))
-    envvar = "GATEWAY_" + long_name[2:].upper().replace("-", "_")
-    return click.option(*names, envvar=envvar, show_envvar=True, **kwargs)
+    """A click option: GATEWAY_<FLAG> when GLOBAL, else GATEWAY_<COMMAND>_<FLAG> (name_envvars)."""
+    long_name = next(n for n in names if n.startswith("--")).split("/")[0]
+    if long_name in GLOBAL:
+        kwargs["envvar"] = env_name(ENV_PREFIX, long_name)
+    return click.option(*names, show_envvar=True, **kwargs)
+
+
+def env_name(prefix: str, word: str) -> str:
+    return f"{prefix}_{word.lstrip('-').upper().replace('-', '_')}"
+
+
+def name_envvars(group: click.Group, prefix: str = ENV_PREFIX) -> None:
+    """Give each command's own flags GATEWAY_<COMMAND>_<FLAG>, named after the long flag (click's
+    auto_envvar_prefix would use the Python parameter name: GATEWAY_SERVE_UPSTREAMS). Flags
+    declared with allow_from_autoenv=False read no variable."""
+    for name, command in group.commands.items():
+        path = env_name(prefix, name)
+        for param in command.params:
+            if isinstance(param, click.Option) and param.envvar is None and param.allow_from_autoenv and param.expose_value:
+                param.envvar = env_name(path, next(o for o in param.opts if o.startswith("--")))
+        if isinstance(command, click.Group):
+            name_envvars(command, path)
 
 
 def kafka_options(command: Callable) -> Callable:
-    """The options every Kafka client shares, gathered into one KafkaConfig argument."""
+    """The options every Kafka client shares, gathered into one KafkaConfig argument (None
+    when --kafka is not given: subcommands that need it say so, and --help works without it)."""
 
-    @option("--kafka", required=True, metavar="HOST:PORT", help="Kafka bootstrap servers.")
+    @option("--kafka", metavar="HOST:PORT[,HOST:PORT]", callback=bootstrap_servers,
+            help="Kafka bootstrap servers (required).")
     @option("--commands-topic", default=DEFAULT_COMMANDS_TOPIC, show_default=True)
     @option("--ranges-topic", default=DEFAULT_RANGES_TOPIC, show_default=True)
+    @option("--create-topics/--no-create-topics", default=True, show_default=True,
+            help="Create missing topics. Production: off, the topics job creates them with their replication.")
+    @option("--replication-factor", default=1, show_default=True, type=click.IntRange(min=1),
+            help="Replication factor of topics this process creates (3 on a production cluster).")
     @functools.wraps(command)
-    def wrapper(kafka: str, commands_topic: str, ranges_topic: str, **kwargs: Any) -> Any:
-        return command(KafkaConfig(kafka, commands_topic, ranges_topic), **kwargs)
+    def wrapper(kafka: str | None, commands_topic: str, ranges_topic: str, create_topics: bool,
+                replication_factor: int, **kwargs: Any) -> Any:
+        config = None if kafka is None else KafkaConfig(
+            kafka, commands_topic, ranges_topic, create_topics=create_topics, replication_factor=replication_factor)
+        return command(config, **kwargs)
 
     return wrapper
+
+
+def need_kafka(kafka: KafkaConfig | None) -> KafkaConfig:
+    """The KafkaConfig, or the usage error click would give for a missing required option."""
+    if kafka is None:
+        ctx = click.get_current_context()
+        while ctx.parent is not None and not any(p.name == "kafka" for p in ctx.command.params):
+            ctx = ctx.parent  # the --help that lists --kafka
+        raise click.UsageError("Missing option '--kafka' (env var: 'GATEWAY_KAFKA').", ctx=ctx)
+    return kafka
+
+
+def bootstrap_servers(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """`HOST:PORT[,HOST:PORT...]`, checked here so a typo is a usage error, not a traceback later."""
+    if value is None:
+        return None
+    for server in value.split(","):
+        try:
+            parse_hostport(server.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected HOST:PORT[,HOST:PORT...], got {value!r}") from None
+    return value
 
 
 def hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, int] | None:
@@ -47,6 +121,62 @@ def hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> t
         raise click.BadParameter(str(exc)) from None
 
 
+class KafkaTrouble(click.ClickException):
+    """The broker could not be used: one line, exit 1."""
+
+
+def run_kafka(kafka: KafkaConfig, coro_factory: Callable[[], Any], *, timeout: float | None,
+              what: Callable[[], str] = lambda: "", message_timeout: float | None = None) -> Any:
+    """Run a one-shot Kafka job in a bounded time; broker trouble becomes one line that says
+    what to check and, from `what()`, what is known of the job's effect (published or not)."""
+    from aiokafka.errors import KafkaConnectionError, KafkaError
+
+    from .kafka.topics import TopicError
+
+    quiet_kafka_client()
+    try:
+        return run_async(asyncio.wait_for(coro_factory(), timeout))
+    except (TimeoutError, asyncio.TimeoutError):
+        problem = (f"Kafka at {kafka.bootstrap} did not answer within {message_timeout or timeout:g} s (--timeout): is the broker"
+                   " frozen or overloaded?")
+    except KafkaConnectionError:
+        problem = f"cannot connect to Kafka at {kafka.bootstrap}: is the broker running and --kafka (GATEWAY_KAFKA) right?"
+    except TopicError as exc:
+        problem = str(exc)
+    except (KafkaError, OSError) as exc:
+        problem = f"Kafka at {kafka.bootstrap} failed: {exc}"
+    known = what()
+    raise KafkaTrouble(f"{problem.rstrip('.')}. {known}" if known and not problem.endswith("?") else
+                       " ".join(filter(None, [problem, known])))
+
+
+def quiet_kafka_client() -> None:
+    """One-shot commands report broker trouble themselves, in one line: aiokafka's own
+    connection errors would only repeat it, as tracebacks."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+
+
+def timeout_option(command: Callable) -> Callable:
+    return option("--timeout", default=KAFKA_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0.1),
+                  metavar="SECONDS", help="Give up on an unresponsive broker after this long.")(command)
+
+
+class IsoTime(click.ParamType):
+    """An ISO 8601 time as /admin/history reads it (fractional seconds, Z or an offset; no zone = UTC)."""
+
+    name = "ISO-TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            when = datetime.fromisoformat(value.strip())
+        except ValueError:
+            self.fail(f"expected an ISO 8601 time such as 2024-05-01T12:00:00.5Z, got {value!r}", param, ctx)
+        return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
 def run_async(coro: Any) -> Any:
     import uvloop
 
@@ -54,6 +184,7 @@ def run_async(coro: Any) -> Any:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="gateway", prog_name="gateway")
 def cli() -> None:
     """Ad-exchange request gateway with an event-sourced IP blacklist."""
 
@@ -89,12 +220,12 @@ def cli() -> None:
         help="Resend a POST whose reused upstream connection died before answering (it may run twice).")
 @option("--access-log", is_flag=True, help="Log every request.")
 @option("--json-logs", is_flag=True, help="Log JSON lines.")
-def serve(kafka: KafkaConfig, upstreams: tuple[str, ...], trusted_proxies: tuple[str, ...], **settings: Any) -> None:
+def serve(kafka: KafkaConfig | None, upstreams: tuple[str, ...], trusted_proxies: tuple[str, ...], **settings: Any) -> None:
     """Run the gateway: follow the view, block blacklisted clients, forward the rest."""
     from .server import ListenError, run
 
     try:
-        run(ServeConfig(kafka=kafka, upstreams=upstreams, trusted_proxies=trusted_proxies, **settings))
+        run(ServeConfig(kafka=need_kafka(kafka), upstreams=upstreams, trusted_proxies=trusted_proxies, **settings))
     except ListenError as exc:  # one line, non-zero exit, before any worker exists
         raise click.ClickException(str(exc)) from None
 
@@ -109,28 +240,74 @@ def serve(kafka: KafkaConfig, upstreams: tuple[str, ...], trusted_proxies: tuple
         help="Start this log on purpose (after a reset or a move): gateways holding another log's view adopt it.")
 @option("--refold", is_flag=True,
         help="Rebuild the view from the whole command log under a new claim, whatever its checkpoint says.")
-def materialize(kafka: KafkaConfig, admin_listen: tuple[str, int] | None, session_timeout_ms: int,
-                new_log: bool, refold: bool) -> None:
-    """Fold the command topic into the compacted view topic (one active writer, others stand by)."""
-    from .kafka.materializer import materialize as run
+@option("--json-logs", is_flag=True, help="Log JSON lines.")
+def materialize(kafka: KafkaConfig | None, admin_listen: tuple[str, int] | None, session_timeout_ms: int,
+                new_log: bool, refold: bool, json_logs: bool) -> None:
+    """Fold the command topic into the compacted view topic (one active writer, others stand by).
 
-    run_async(run(kafka, session_timeout_ms=session_timeout_ms, admin_listen=admin_listen,
-                  new_log=new_log, refold=refold))
+    Without a broker it retries, one log line per attempt, like `serve` does."""
+    from .control.logs import setup_logging
+
+    kafka = need_kafka(kafka)
+    setup_logging(json_lines=json_logs)
+    run_async(materialize_retrying(kafka, session_timeout_ms=session_timeout_ms, admin_listen=admin_listen,
+                                   new_log=new_log, refold=refold))
+
+
+MATERIALIZE_BACKOFF_S = (1.0, 30.0)  # first and longest pause between attempts
+
+
+async def materialize_retrying(kafka: KafkaConfig, **settings: Any) -> None:
+    """`materialize` until SIGTERM/SIGINT; when the broker cannot be reached or the topics are
+    wrong, one WARNING line per attempt and a growing pause, as `serve`'s follower retries."""
+    from aiokafka.errors import KafkaConnectionError, KafkaError
+
+    from .kafka.materializer import materialize
+    from .kafka.topics import TopicError
+
+    log = logging.getLogger("gateway.materializer")
+    loop = asyncio.get_running_loop()
+    delay = MATERIALIZE_BACKOFF_S[0]
+    while True:
+        try:
+            return await materialize(kafka, **settings)
+        except KafkaConnectionError:
+            log.warning("cannot connect to Kafka at %s (is --kafka right?); retrying in %g s", kafka.bootstrap, delay)
+        except (KafkaError, OSError, TopicError) as exc:
+            log.warning("cannot use Kafka at %s: %s; retrying in %g s", kafka.bootstrap,
+                        str(exc) or type(exc).__name__, delay)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+            return
+        except (TimeoutError, asyncio.TimeoutError):
+            delay = min(delay * 2, MATERIALIZE_BACKOFF_S[1])
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
 
 
 @cli.command()
 @option("--port", default=9092, show_default=True, type=click.IntRange(0, 65535))
 def broker(port: int) -> None:
     """Run the embedded Kafka-compatible broker (Tansu, in memory) for development."""
-    from .broker import run_broker
+    from .broker import port_in_use, run_broker
 
-    run_broker(port)
+    if port and port_in_use(port):
+        raise click.ClickException(f"port {port} is already in use on 127.0.0.1: stop what holds it, or pick"
+                                   " another with --port (0: a free one)")
+    try:
+        run_broker(port)
+    except RuntimeError as exc:  # no broker binary, or it did not start
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.group()
 @kafka_options
 @click.pass_context
-def ctl(ctx: click.Context, kafka: KafkaConfig) -> None:
+def ctl(ctx: click.Context, kafka: KafkaConfig | None) -> None:
     """Publish blacklist edits to the command topic, or replay its history."""
     ctx.obj = kafka
 
@@ -139,20 +316,40 @@ def edit_command(action: str) -> click.Command:
     @click.argument("cidr")
     @option("--reason", default=None, help="Why (stored in the record's headers).")
     @option("--actor", default=None, help="Who (stored in the record's headers).")
+    @timeout_option
     @click.pass_obj
-    def edit(kafka: KafkaConfig, cidr: str, reason: str | None, actor: str | None) -> None:
+    def edit(kafka: KafkaConfig | None, cidr: str, reason: str | None, actor: str | None, timeout: float) -> None:
         from .blacklist.commands import Command, CommandError, parse_network
-        from .kafka.publisher import publish
 
+        kafka = need_kafka(kafka)
         try:
             command = Command(action, parse_network(cidr))  # type: ignore[arg-type]
         except CommandError as exc:
             raise click.BadParameter(str(exc), param_hint="CIDR") from None
-        offset = run_async(publish(kafka, command, actor=actor, reason=reason))
+        sent: list[bool] = []
+        offset = run_kafka(
+            kafka, lambda: publish_one(kafka, command, sent, actor=actor, reason=reason), timeout=timeout,
+            what=lambda: ("It may have been published: look with `gateway ctl replay` before you retry."
+                          if sent else "Nothing was published."))
         click.echo(f"{command} -> offset {offset}")
 
     edit.__doc__ = f"Publish `{action} CIDR` (a bare address means /32 or /128)."
     return edit
+
+
+async def publish_one(kafka: KafkaConfig, command: Any, sent: list[bool], **headers: Any) -> int:
+    """Publish one command; `sent` gets True once it is handed to the producer (from then on a
+    failure cannot say it was not published). The producer is closed whatever happens."""
+    from .kafka.publisher import Publisher
+
+    publisher = Publisher(kafka)
+    try:
+        await publisher.start()
+        sent.append(True)
+        return await publisher.publish(command, **headers)
+    finally:
+        with contextlib.suppress(Exception, asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(publisher.stop()), 1.0)
 
 
 ctl.command("blacklist")(edit_command("BLACKLIST"))
@@ -160,18 +357,30 @@ ctl.command("whitelist")(edit_command("WHITELIST"))
 
 
 @ctl.command("import")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@option("--whitelist", "as_whitelist", is_flag=True, help="Publish WHITELIST instead of BLACKLIST.")
+@click.argument("file", type=click.File("rb"))
+@option("--whitelist", "as_whitelist", is_flag=True, allow_from_autoenv=False,
+        help="Publish WHITELIST instead of BLACKLIST (a flag only: no environment variable can set it).")
 @option("--reason", default=None)
 @option("--actor", default=None)
+@timeout_option
 @click.pass_obj
-def import_(kafka: KafkaConfig, file: str, as_whitelist: bool, reason: str | None, actor: str | None) -> None:
-    """Publish every CIDR of FILE (one per line, # comments; FireHOL .netset), all or nothing."""
+def import_(kafka: KafkaConfig | None, file: Any, as_whitelist: bool, reason: str | None, actor: str | None,
+            timeout: float) -> None:
+    """Publish every CIDR of FILE (`-`: stdin), all or nothing.
+
+    Formats: one CIDR or address per line; `#` and `;` comments (FireHOL .netset, Spamhaus
+    DROP/EDROP, plain lists); a line may also be a whole command (`WHITELIST 10.0.0.0/8`)."""
     from .kafka.publisher import ImportFileError, import_file
 
+    kafka = need_kafka(kafka)
+    sending: list[bool] = []
     try:
-        result = run_async(import_file(kafka, file, action="WHITELIST" if as_whitelist else "BLACKLIST",
-                                       actor=actor, reason=reason))
+        result = run_kafka(
+            kafka, lambda: import_file(kafka, file, action="WHITELIST" if as_whitelist else "BLACKLIST",
+                                       actor=actor, reason=reason, timeout=timeout, sending=sending),
+            timeout=None, message_timeout=timeout,
+            what=lambda: ("Some commands may have been published: look with `gateway ctl replay` before you retry."
+                          if sending else "Nothing was published."))
     except ImportFileError as exc:
         raise click.ClickException(f"{exc} (nothing was published)") from None
     if result.count:
@@ -181,21 +390,30 @@ def import_(kafka: KafkaConfig, file: str, as_whitelist: bool, reason: str | Non
 
 
 @ctl.command()
-@option("--until", type=click.DateTime(["%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d"]), default=None,
-        help="Fold the commands published at or before this time (ISO 8601; no zone means UTC).")
+@option("--until", type=IsoTime(), default=None,
+        help="Fold the commands published at or before this time (ISO 8601, fractional seconds allowed;"
+             " no zone means UTC), as /admin/history?at=TIME.")
 @option("--offset", type=click.IntRange(min=0), default=None,
-        help="Fold the first N commands (offsets 0..N-1; /admin/history?at=N includes N).")
+        help="Fold the commands up to and including offset N (the state right after command N),"
+             " as /admin/history?at=N.")
+@timeout_option
 @click.pass_obj
-def replay(kafka: KafkaConfig, until: Any, offset: int | None) -> None:
+def replay(kafka: KafkaConfig | None, until: datetime | None, offset: int | None, timeout: float) -> None:
     """Print the ranges as they were at a past time or offset (the time machine)."""
     from .blacklist.addresses import format_address
     from .kafka.history import replay as fold_history
 
-    if until is None and offset is None:
-        raise click.UsageError("give --until TIME or --offset N")
-    result = run_async(fold_history(kafka, offset=offset, until=until))
+    kafka = need_kafka(kafka)
+    if (until is None) == (offset is None):
+        raise click.UsageError("give either --until TIME or --offset N (one of them, not both)")
+    result = run_kafka(kafka, lambda: fold_history(kafka, offset=None if offset is None else offset + 1, until=until),
+                       timeout=timeout)
     for version, start, end in result.view.ranges():
         click.echo(f"{format_address(version, start)} {format_address(version, end)}")
+    if offset is not None and offset >= result.next_offset:
+        end = f"its last offset is {result.next_offset - 1}" if result.next_offset else "it is empty"
+        click.echo(f"warning: offset {offset} is past the end of the command log ({end}):"
+                   " this is the state after every command", err=True)
     click.echo(f"# {len(result.view)} ranges from {result.commands} commands"
                f" (next offset {result.next_offset}, {result.poison} skipped)", err=True)
 
@@ -214,10 +432,11 @@ def adopt(gateway_url: str, token: str) -> None:
 @option("--gateway", "gateway_url", default=None, metavar="URL", help="Also compare a live gateway's /admin/ranges.")
 @option("--token", default=None, help="The gateway's admin token.")
 @click.pass_obj
-def verify(kafka: KafkaConfig, gateway_url: str | None, token: str | None) -> None:
+def verify(kafka: KafkaConfig | None, gateway_url: str | None, token: str | None) -> None:
     """Anti-entropy: fold the command log, compare with the view topic (and a gateway); exit 1 on a difference."""
     from .control.verify import verify as check
 
+    kafka = need_kafka(kafka)
     if gateway_url is not None and token is None:
         raise click.UsageError("--gateway needs --token (the gateway's admin token)")
     report = run_async(check(kafka, gateway_url=gateway_url, token=token))
@@ -231,7 +450,13 @@ def bidder(listen: tuple[str, int]) -> None:
     """Run the demo bidder: answers OpenRTB-shaped POSTs with a bid."""
     from .bidder import serve_bidder
 
-    run_async(serve_bidder(*listen))
+    try:
+        run_async(serve_bidder(*listen))
+    except OSError as exc:  # the port is taken, or the address is not this host's
+        if exc.errno == errno.EADDRINUSE:
+            raise click.ClickException(f"port {listen[1]} is already in use on {listen[0]}: stop what holds it,"
+                                       " or pick another with --listen") from None
+        raise click.ClickException(f"cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}") from None
 
 
 @cli.command()
@@ -239,15 +464,36 @@ def bidder(listen: tuple[str, int]) -> None:
 @option("--admin-port", default=8081, show_default=True, type=click.IntRange(0, 65535))
 @option("--bidder-port", default=9000, show_default=True, type=click.IntRange(0, 65535))
 @option("--kafka-port", default=0, show_default=True, type=click.IntRange(0, 65535), help="0: a free port.")
-def demo(port: int, admin_port: int, bidder_port: int, kafka_port: int) -> None:
-    """Run everything on this machine: broker, materializer, demo bidder and gateway."""
+@option("--keep-logs", is_flag=True, help="Keep the children's log folder after a clean stop too.")
+def demo(port: int, admin_port: int, bidder_port: int, kafka_port: int, keep_logs: bool) -> None:
+    """Run everything on this machine: broker, materializer, demo bidder and gateway (any port 0: a free one)."""
     from .demo import run_demo
 
-    sys.exit(run_demo(port=port, admin_port=admin_port, bidder_port=bidder_port, kafka_port=kafka_port))
+    sys.exit(run_demo(port=port, admin_port=admin_port, bidder_port=bidder_port, kafka_port=kafka_port,
+                      keep_logs=keep_logs))
+
+
+name_envvars(cli)
 
 
 def main() -> None:
-    cli(prog_name="gateway")
+    """Run the CLI; a usage error is one line (what is wrong, where --help is), exit 2."""
+    try:
+        code = cli.main(prog_name="gateway", standalone_mode=False)
+    except click.UsageError as exc:
+        where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo(f"Error: {exc.format_message()}{where}", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    except BrokenPipeError:  # `gateway ctl replay ... | head`: the reader left (Python's documented way out)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,14 @@
 
 Starts, as child processes tracked by PID: the embedded broker (Tansu, in memory), the
 materializer, the demo bidder and the gateway (proxy + admin API) in front of it. Ctrl-C
-(or SIGTERM) stops them in reverse order, each by its PID. Children run in their own
-session, so the terminal's Ctrl-C reaches only this process, which then stops them in order;
-they also die with it if it is killed.
+(or SIGTERM) stops them in reverse order, each by its PID, the broker last. Every child,
+the broker too, runs in its own session, so the terminal's Ctrl-C reaches only this process,
+which then stops them in order; they also die with it if it is killed.
+
+It refuses to start when one of its ports is taken, and it is ready only when the admin API
+answers to this demo's own token (a readiness answer from another process cannot fool it).
+The children's logs live in a temporary folder, removed after a clean stop and kept (and
+named) when something failed.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .broker import _die_with_parent, start_broker, stop_pid
+from .broker import _die_with_parent, free_port, port_in_use, start_broker, stop_pid
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 60.0
@@ -39,10 +45,12 @@ class Child:
 
 def _spawn(name: str, args: list[str], logs: Path, env: dict[str, str] | None = None) -> Child:
     log = logs / f"{name}.log"
+    # The demo wires its children itself: settings from the caller's GATEWAY_* variables stay out.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, *args], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**inherited, **(env or {})},
             start_new_session=True, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
     return Child(name, process, log)
@@ -55,12 +63,27 @@ def _tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-def _ready(url: str) -> bool:
+def _answers(url: str, token: str | None = None) -> int | None:
+    """The HTTP status url answers (None: no answer)."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status == 200
+        with urllib.request.urlopen(request, timeout=1) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
     except (urllib.error.URLError, OSError):
-        return False
+        return None
+
+
+def port_problem(ports: dict[str, int]) -> str | None:
+    """Why the demo cannot use these ports (flag -> port), or None."""
+    given = [p for p in ports.values() if p]
+    if len(given) != len(set(given)):
+        return f"demo: {', '.join(f'{flag} {port}' for flag, port in ports.items())}: give each part its own port"
+    for flag, port in ports.items():
+        if port and port_in_use(port):
+            return f"demo: port {port} ({flag}) is already in use on {HOST}: stop what holds it, or pick another with {flag}"
+    return None
 
 
 def instructions(port: int, admin_port: int, bidder_port: int, bootstrap: str, token: str, logs: Path) -> str:
@@ -74,7 +97,7 @@ gateway demo is up. Ctrl-C stops everything.
   gateway   {gw}  ->  demo bidder http://{HOST}:{bidder_port}
   admin API {admin}  (token below; /healthz /readyz /metrics need none)
   broker    {bootstrap}  (Tansu, in memory: the blacklist starts empty)
-  logs      {logs}/
+  logs      {logs}/  (removed after a clean stop unless --keep-logs)
 
 Try, in another terminal:
 
@@ -106,20 +129,32 @@ Try, in another terminal:
 
 def run_demo(
     port: int = 8080, admin_port: int = 8081, bidder_port: int = 9000, kafka_port: int = 0,
-    token: str | None = None, out: TextIO | None = None,
+    token: str | None = None, out: TextIO | None = None, keep_logs: bool = False,
 ) -> int:
-    """Blocking entry of `gateway demo`; returns the exit code (0 after Ctrl-C, 1 if a part failed)."""
+    """Blocking entry of `gateway demo`; returns the exit code (0 after Ctrl-C, 1 if a part failed).
+
+    A port of 0 means a free port, chosen here (and printed)."""
     out = out or sys.stdout
+    problem = port_problem({"--port": port, "--admin-port": admin_port, "--bidder-port": bidder_port,
+                            "--kafka-port": kafka_port})
+    if problem:
+        print(problem, file=out, flush=True)
+        return 1
+    port, admin_port, bidder_port = (p or free_port(HOST) for p in (port, admin_port, bidder_port))
     token = token or secrets.token_urlsafe(16)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     logs = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
     children: list[Child] = []
     broker = None
-    code = 0
+    code = 1
     try:
-        with open(logs / "broker.log", "wb") as broker_log:
-            broker = start_broker(kafka_port, log=broker_log)
+        try:
+            with open(logs / "broker.log", "wb") as broker_log:
+                broker = start_broker(kafka_port, log=broker_log, new_session=True)
+        except RuntimeError as exc:  # no broker binary, or it would not start on that port
+            print(f"demo: {exc}", file=out, flush=True)
+            return 1
         kafka = ["--kafka", broker.bootstrap]
         children.append(_spawn("materializer", ["-m", "gateway", "materialize", *kafka], logs))
         children.append(_spawn("bidder", ["-m", "gateway.bidder", "--listen", f"{HOST}:{bidder_port}"], logs))
@@ -128,28 +163,62 @@ def run_demo(
             "--upstream", f"http://{HOST}:{bidder_port}"], logs, env={"GATEWAY_ADMIN_TOKEN": token}))
         pids = " ".join(f"{c.name}={c.process.pid}" for c in children)
         print(f"demo: starting broker={broker.pid} {pids}", file=out, flush=True)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not stop.is_set() and not _ready(f"http://{HOST}:{admin_port}/readyz"):
-            if _failed(children, out) or time.monotonic() > deadline:
-                print(f"demo: not ready after {READY_TIMEOUT_S:.0f} s; logs in {logs}/", file=out, flush=True)
-                return 1
-            time.sleep(0.1)
+        if not _wait_ready(admin_port, token, children, stop, out):
+            return 1
         if not stop.is_set():
             print(instructions(port, admin_port, bidder_port, broker.bootstrap, token, logs), file=out, flush=True)
         while not stop.wait(0.2):
             if _failed(children, out):
-                code = 1
-                break
+                return 1
+        code = 0
         return code
     finally:
         print("demo: stopping", file=out, flush=True)
-        for child in reversed(children):
+        for child in reversed(children):  # the gateway first, the broker last: nobody loses its broker
             stop_pid(child.process, timeout=20)
+            _kill_group(child.process.pid)  # a worker its parent left behind
         if broker is not None:
             broker.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        print("demo: stopped", file=out, flush=True)
+        if code == 0 and not keep_logs:
+            shutil.rmtree(logs, ignore_errors=True)
+            print("demo: stopped", file=out, flush=True)
+        else:
+            print(f"demo: stopped; the logs are in {logs}/", file=out, flush=True)
+
+
+def _wait_ready(admin_port: int, token: str, children: list[Child], stop: threading.Event, out: TextIO) -> bool:
+    """Until our gateway is ready: /readyz says so and the admin API takes this demo's token
+    (another process answering on the port gets 403 with it)."""
+    admin = f"http://{HOST}:{admin_port}"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not stop.is_set():
+        if _failed(children, out):
+            return False
+        if _answers(admin + "/readyz") == 200:
+            status = _answers(admin + "/admin/status", token)
+            if status == 200:
+                return True
+            if status in (401, 403):
+                print(f"demo: {admin} answers, but not to this demo's token: another process holds port"
+                      f" {admin_port}", file=out, flush=True)
+                return False
+        if time.monotonic() > deadline:
+            print(f"demo: the gateway was not ready after {READY_TIMEOUT_S:.0f} s", file=out, flush=True)
+            for child in children:
+                print(f"demo: the {child.name}'s log ends:\n{_tail(child.log)}", file=out, flush=True)
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a child's process group (each child leads its own: pgid = its PID)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _failed(children: list[Child], out: TextIO) -> bool:

@@ -78,8 +78,14 @@ def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
 
 
-def load_k8s() -> list[dict]:
-    return [doc for path in sorted((DEPLOY / "k8s").glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+K8S_SECRET_TEMPLATE = DEPLOY / "templates" / "k8s-secret.yaml"
+
+
+def load_k8s(*, with_secret: bool = True) -> list[dict]:
+    """What `kubectl apply -f deploy/k8s/` applies, plus (with_secret) the Secret the operator
+    creates from its template beforehand."""
+    paths = sorted((DEPLOY / "k8s").glob("*.yaml")) + ([K8S_SECRET_TEMPLATE] if with_secret else [])
+    return [doc for path in paths for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
 def interpolate(text: str) -> str:
@@ -644,7 +650,28 @@ def test_k8s_has_the_expected_objects() -> None:
 def test_k8s_secret_is_a_marked_placeholder() -> None:
     secret = by_kind(load_k8s(), "Secret")["gateway-admin"]
     assert "REPLACE-ME" in secret["stringData"]["GATEWAY_ADMIN_TOKEN"]
-    assert "PLACEHOLDER" in (DEPLOY / "k8s" / "secret.yaml").read_text()
+    assert "PLACEHOLDER" in K8S_SECRET_TEMPLATE.read_text()
+
+
+def test_k8s_apply_of_the_folder_never_overwrites_the_secret() -> None:
+    """`kubectl apply -f deploy/k8s/` after `kubectl create secret` must not put a placeholder back."""
+    applied = load_k8s(with_secret=False)
+    assert [d["metadata"]["name"] for d in applied if d["kind"] == "Secret"] == []
+    assert by_kind(load_k8s(), "Secret")  # the template the Deployment's secretKeyRef is checked against
+
+
+def test_k8s_pods_never_create_topics(cli: click.Command) -> None:
+    """Only the topics Job creates topics (with the cluster's replication): every gateway-image pod
+    runs with GATEWAY_CREATE_TOPICS=false, and the CLI reads it as creation off."""
+    invocations = k8s_invocations(load_k8s())
+    assert invocations
+    for _, _, inv, _ in invocations:
+        assert inv.env.get("GATEWAY_CREATE_TOPICS") == "false", inv.source
+        with environ(inv.env):
+            ctx = cli.make_context("gateway", list(inv.argv[1:]))
+            sub = cli.commands[inv.subcommand]  # type: ignore[attr-defined]
+            rest = ctx._protected_args[1:] if hasattr(ctx, "_protected_args") else ctx.protected_args[1:]
+            assert sub.make_context(inv.subcommand, [*rest, *ctx.args], parent=ctx).params["create_topics"] is False
 
 
 def test_k8s_topics_job_creates_the_design_topics(cli: click.Command) -> None:
@@ -676,7 +703,7 @@ def gateway_container(docs: list[dict]) -> dict:
         (lambda d: gateway_container(d)["args"].__setitem__(2, "0.0.0.0:9090"), "containerPort http"),
         (lambda d: gateway_container(d)["args"].append("--no-such-flag"), "No such option"),
         (lambda d: by_kind(d, "ConfigMap")["gateway-serve"]["data"].update(GATEWAY_BUDGET="5"), "GATEWAY_BUDGET"),
-        (lambda d: by_kind(d, "ConfigMap")["gateway-serve"]["data"].update(GATEWAY_WORKERS="many"), "workers"),
+        (lambda d: by_kind(d, "ConfigMap")["gateway-serve"]["data"].update(GATEWAY_SERVE_WORKERS="many"), "workers"),
         (lambda d: gateway_container(d)["env"][0]["valueFrom"]["secretKeyRef"].update(key="TOKEN"), "missing"),
         (lambda d: by_kind(d, "Service")["gateway-admin"]["spec"]["ports"][0].update(targetPort=9999), "targetPort"),
         (lambda d: by_kind(d, "Deployment")["gateway-materializer"]["spec"].update(replicas=2), "Recreate"),
@@ -778,3 +805,79 @@ def test_systemd_verify_finds_bad_directives(tmp_path: Path) -> None:
     text = systemd_units()["gateway.service"]
     assert systemd_verify(text.replace("ProtectSystem=strict", "ProtectSystem=bogus"), tmp_path)
     assert systemd_verify(text.replace("NoNewPrivileges=yes", "NoNewPrivilege=yes"), tmp_path)
+
+
+# ---------------------------------------------------------------- the systemd guide, run
+
+
+def guide_steps(section: str) -> list[str]:
+    """The shell lines of the first ```sh block under `## <section>` in deploy/README.md."""
+    text = (DEPLOY / "README.md").read_text()
+    body = text[text.index(f"## {section}"):]
+    block = re.search(r"```sh\n(.*?)```", body, re.S)
+    assert block, f"no sh block under ## {section}"
+    return [ln for ln in block.group(1).splitlines() if ln.strip()]
+
+
+def repository_copy(target: Path) -> Path:
+    """The files a fresh clone has (tracked, as in the working tree): no .venv, no build leftovers."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target / name)
+    return target
+
+
+needs_git = pytest.mark.skipif(not (ROOT / ".git").exists() or not shutil.which("git"), reason="not a git checkout")
+
+
+@needs_git
+def test_the_systemd_guide_runs_in_a_scratch_root(tmp_path: Path) -> None:
+    """Every step of deploy/README.md's systemd guide, in order, with / moved to a scratch root:
+    the wheel builds (offline: the build backend comes from the dev extra), installs and runs,
+    /etc/gateway is created before the env files go in, and nothing is left to do by hand."""
+    import sys
+    import sysconfig
+
+    repo, root = repository_copy(tmp_path / "repo"), tmp_path / "root"
+    (root / "etc" / "systemd" / "system").mkdir(parents=True)  # there on every systemd host; /etc/gateway is not
+    steps = guide_steps("systemd (bare hosts)")
+    assert steps[-1] == "systemctl daemon-reload && systemctl enable --now gateway"  # checked, not run here
+    python = f"{sys.executable} -m"
+    script = ["set -eu"]
+    for step in steps[:-1]:
+        step = re.sub(r"(?<![\w.])/(etc|opt)/", lambda m: f"{root}/{m.group(1)}/", step)
+        step = step.replace("python3 -m pip wheel", f"{python} pip wheel --no-build-isolation")  # no network in tests
+        step = step.replace("python3 -m venv", f"{python} venv")
+        step = step.replace("/bin/pip install", "/bin/pip install --no-deps --no-index")
+        if os.geteuid() != 0:
+            step = step.replace(" -o root", "")
+        script.append(step)
+    run = subprocess.run(["bash", "-c", "\n".join(script)], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    (wheel,) = (repo / "dist").glob("gateway-*.whl")
+    assert wheel.name.startswith("gateway-") and wheel.name.endswith("-py3-none-any.whl")
+    assert (root / "etc" / "gateway" / "gateway.env").stat().st_mode & 0o777 == 0o600
+    assert (root / "etc" / "gateway" / "materializer.env").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in (root / "etc" / "systemd" / "system").iterdir()) == sorted(systemd_units())
+    # The dependencies come from PyPI on a real host; here, from the test's own environment.
+    site = next((root / "opt" / "gateway" / "lib").glob("python3*/site-packages"))
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n" + sysconfig.get_paths()["platlib"] + "\n")
+    run = subprocess.run([str(root / "opt" / "gateway" / "bin" / "gateway"), "--version"], capture_output=True,
+                         text=True, timeout=60, env={"PATH": os.environ.get("PATH", "")})
+    assert run.returncode == 0 and run.stdout.startswith("gateway, version "), run.stdout + run.stderr
+    units = systemd_units()
+    for name in units:
+        assert unit_settings(units[name], "ExecStart")[0].startswith("/opt/gateway/bin/gateway ")
+
+
+def test_every_unit_and_env_file_of_the_guide_exists() -> None:
+    steps = " ".join(guide_steps("systemd (bare hosts)"))
+    for path in re.findall(r"deploy/systemd/\S+", steps):
+        assert (ROOT / path).is_file(), path
+    for name in systemd_units():
+        assert f"deploy/systemd/{name}" in steps
+        for ref in unit_settings(systemd_units()[name], "EnvironmentFile"):
+            assert ref.lstrip("-") in steps, f"{name} reads {ref}, which the guide never creates"

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
+from aiokafka.errors import KafkaConnectionError
 
 from ..blacklist.addresses import BITS, format_address, parse_address
 from ..blacklist.cidrs import range_to_cidrs
@@ -29,7 +30,9 @@ from ..blacklist.commands import CommandError, parse_command
 from ..http.config import ServeConfig
 from ..http.proxy import ACCESS
 from ..kafka.history import replay
+from ..kafka.topics import TopicError
 from . import openapi
+from .commandlog import CommandIndex, Published
 from .metrics import METRICS_REGISTRY, handle_metrics, healthz, view_state
 from .progress import WorkerProgress
 
@@ -46,6 +49,11 @@ PUBLISHER = web.AppKey("publisher", object)
 CONFIG = web.AppKey("config", ServeConfig)
 PROGRESS = web.AppKey("progress", object)
 BASELINE = web.AppKey("baseline", float)
+COMMAND_INDEX = web.AppKey("command_index", CommandIndex)
+PUBLISHING = web.AppKey("publishing", dict)  # Idempotency-Key -> the task publishing it, until it settles
+KEYED = web.AppKey("keyed", asyncio.Lock)
+PUBLISH_TIMEOUT = web.AppKey("publish_timeout", float)
+MAX_KEY_LENGTH = 200
 
 
 # -- errors and auth -------------------------------------------------------------------------
@@ -108,7 +116,7 @@ def bearer_auth(token: str | None):
 QUERY_PARAMETERS = {
     "/admin/ranges": {"family", "format"},
     "/admin/lookup": {"ip"},
-    "/admin/commands": {"wait", "timeout"},
+    "/admin/commands": {"wait", "timeout", "request_id", "idempotency_key"},
     "/admin/history": {"at", "family", "format"},
 }
 
@@ -141,9 +149,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def _family(request: web.Request) -> int | None:
-    family = request.query.get("family")
-    if family is None:
+    given = request.query.getall("family", [])
+    if not given:
         return None
+    if len(given) > 1:  # never silently the first one: leave it out for both families
+        raise ApiError(400, f"family given {len(given)} times: give one of 4 or 6, or leave it out for both")
+    family = given[0]
     if family not in ("4", "6"):
         raise ApiError(400, f"family must be 4 or 6, got {family!r}")
     return int(family)
@@ -299,11 +310,18 @@ async def history(request: web.Request) -> web.StreamResponse:
 
 
 async def commands(request: web.Request) -> web.Response:
-    """Publish one command to the command topic: 202 {"offset": N}; with ?wait=1, once applied here."""
+    """Publish one command to the command topic: 202 {"offset": N}; with ?wait=1, once applied here.
+
+    The request id (X-Request-Id, else a new one) is echoed and goes into the record's headers.
+    With an Idempotency-Key (the record's key), a key already in the command log answers 200
+    with that command instead of publishing again, so a retry after an unclear answer is safe."""
     wait = request.query.get("wait", "0")
     if wait not in ("0", "1", "true", "false"):
         raise ApiError(400, f"wait must be 1 or 0, got {wait!r}")
     timeout = _timeout(request)
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    echo = {"X-Request-Id": request_id}
+    key = _idempotency_key(request, echo)
     try:
         body = json.loads(await request.read())
     except (ValueError, UnicodeDecodeError):
@@ -322,23 +340,116 @@ async def commands(request: web.Request) -> web.Response:
         command = parse_command(text)
     except CommandError as exc:
         raise ApiError(400, str(exc)) from None
-    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-    try:
-        offset = await asyncio.wait_for(
-            request.app[PUBLISHER].publish(command, actor="admin-api", reason=reason, request_id=request_id),
-            PUBLISH_TIMEOUT_S,
-        )
-    except Exception as exc:  # noqa: BLE001 - broker trouble: say so, nothing was accepted
-        log.warning("admin: publishing %s failed: %r", command, exc)
-        raise ApiError(503, f"the broker did not accept the command (not published, safe to retry): {exc!r}") from None
-    log.info("admin: published %s", command, extra={"offset": offset, "request_id": request_id, "reason": reason})
-    answer = {"offset": offset, "command": str(command)}
+    if key is None:
+        offset = await _publish(request.app, command, None, reason, request_id, echo)
+    else:
+        async with request.app[KEYED]:  # look up, then publish, as one step in this process
+            earlier = await _published_before(request.app, key, str(command), echo)
+            if earlier is not None:
+                return web.json_response({**earlier.as_json(), "replayed": True}, status=200, headers=echo)
+            offset = await _publish(request.app, command, key, reason, request_id, echo)
+    answer = {"offset": offset, "command": str(command), "request_id": request_id}
     if wait in ("1", "true"):
         if not await _wait_applied(request.app, offset, timeout):
             raise ApiError(504, f"published at offset {offset} but not applied here within {timeout:g} s; "
-                             "is the materializer running? (see /admin/status)", offset=offset)
+                             "is the materializer running? (see /admin/status)", headers=echo, offset=offset)
         answer["applied"] = True
-    return web.json_response(answer, status=202)
+    return web.json_response(answer, status=202, headers=echo)
+
+
+def _idempotency_key(request: web.Request, echo: dict[str, str]) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
+        raise ApiError(400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters", headers=echo)
+    return key
+
+
+async def _published_before(app: web.Application, key: str, command: str, echo: dict[str, str]) -> Published | None:
+    """The command this key already published (this process's, or any in the log), else None."""
+    limit = app[PUBLISH_TIMEOUT]
+    pending = app[PUBLISHING].get(key)
+    if pending is not None:  # an earlier try still in this process's producer: it may land any moment
+        try:
+            await asyncio.wait_for(asyncio.shield(pending), limit)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ApiError(503, "the command with this Idempotency-Key is still unconfirmed by the broker: it may"
+                                " have been published; nothing was published again. Retry with the same key later.",
+                           headers=echo, idempotency_key=key) from None
+        except Exception:  # noqa: BLE001 - it failed: the log says whether it landed
+            pass
+    index = app[COMMAND_INDEX]
+    if key not in index.by_key:
+        try:
+            await asyncio.wait_for(index.catch_up(), limit)
+        except Exception as exc:  # noqa: BLE001 - the broker's trouble: nothing decided, nothing sent
+            raise ApiError(503, f"cannot look the Idempotency-Key up in the command log ({exc!r}); nothing was"
+                                " published. Retry with the same key.", headers=echo, idempotency_key=key) from None
+    earlier = index.by_key.get(key)
+    if earlier is not None and earlier.command != command:
+        raise ApiError(422, f"Idempotency-Key {key!r} was used for {earlier.command!r} (offset {earlier.offset});"
+                            " use a new key for a new command", headers=echo, offset=earlier.offset)
+    return earlier
+
+
+async def _publish(app: web.Application, command: Any, key: str | None, reason: str | None, request_id: str,
+                   echo: dict[str, str]) -> int:
+    """Publish and wait a bounded time. The send is never cancelled (the producer would deliver the
+    record anyway): past the time the answer says so, and a keyed send stays known until it settles."""
+    task = asyncio.ensure_future(
+        app[PUBLISHER].publish(command, key=key, actor="admin-api", reason=reason, request_id=request_id))
+    task.add_done_callback(lambda t: _settled(app, t, key, str(command), reason, request_id))
+    if key is not None:
+        app[PUBLISHING][key] = task
+    limit = app[PUBLISH_TIMEOUT]
+    try:
+        offset = await asyncio.wait_for(asyncio.shield(task), limit)
+    except Exception as exc:  # noqa: BLE001 - said below: not sent, or unknown
+        never_sent = isinstance(exc, (KafkaConnectionError, TopicError)) and not getattr(app[PUBLISHER], "started", True)
+        _unconfirmed(command, exc, never_sent, key, limit, request_id, echo)
+    log.info("admin: published %s", command, extra={"offset": offset, "request_id": request_id, "reason": reason})
+    return offset
+
+
+def _unconfirmed(command: Any, exc: Exception, never_sent: bool, key: str | None, limit: float, request_id: str,
+                 echo: dict[str, str]) -> None:
+    """Raise the 503 that says what is known: nothing sent (the producer never started), or unknown."""
+    log.warning("admin: publishing %s unconfirmed: %r", command, exc, extra={"request_id": request_id})
+    if never_sent:
+        raise ApiError(503, f"the broker cannot be reached ({exc!r}): not published, safe to retry",
+                       headers=echo, request_id=request_id, published=False)
+    how = f"did not confirm the command within {limit:g} s" if isinstance(exc, asyncio.TimeoutError) else f"failed ({exc!r})"
+    retry = "retry with the same Idempotency-Key (it never publishes twice)" if key else \
+        "send an Idempotency-Key next time to retry safely"
+    raise ApiError(503, f"the broker {how}: the command may have been published (it can still land). Look it up"
+                        f" with GET /admin/commands?request_id={request_id}, or {retry}.",
+                   headers=echo, request_id=request_id, published=None)
+
+
+def _settled(app: web.Application, task: asyncio.Future, key: str | None, command: str, reason: str | None,
+             request_id: str) -> None:
+    if key is not None and app[PUBLISHING].get(key) is task:
+        del app[PUBLISHING][key]
+    if task.cancelled() or task.exception() is not None:
+        return
+    app[COMMAND_INDEX].add(Published(task.result(), command, int(time.time() * 1000), key, request_id,
+                                     "admin-api", reason))
+
+
+async def command_lookup(request: web.Request) -> web.Response:
+    """GET /admin/commands?request_id=R | ?idempotency_key=K: the command(s) the log holds for it."""
+    request_id, key = request.query.get("request_id"), request.query.get("idempotency_key")
+    if (request_id is None) == (key is None):
+        raise ApiError(400, "give request_id=ID (from X-Request-Id) or idempotency_key=KEY")
+    index = request.app[COMMAND_INDEX]
+    try:
+        await asyncio.wait_for(index.catch_up(), request.app[PUBLISH_TIMEOUT])
+    except Exception as exc:  # noqa: BLE001 - the broker's trouble, told to the caller
+        raise ApiError(503, f"cannot read the command topic: {exc!r}") from None
+    found = index.by_request.get(request_id, []) if request_id is not None else \
+        [e for e in (index.by_key.get(key),) if e is not None]
+    return web.json_response({"commands": [entry.as_json() for entry in found]})
 
 
 def _timeout(request: web.Request) -> float:
@@ -393,14 +504,19 @@ def make_admin_app(
     progress: WorkerProgress | None = None,
     registry: Any = None,
     baseline: float | None = None,
+    publish_timeout: float = PUBLISH_TIMEOUT_S,
 ) -> web.Application:
     """The admin web app. `follower`: a gateway.follower.Follower (its task running); `publisher`: a
     started gateway.publisher.Publisher; `progress`: the workers' shared progress (None: no workers
     to wait for); `registry`: the metrics registry to serve when not in multiprocess mode;
-    `baseline`: wall time the view was last known current at start (its snapshot's time, else now)."""
+    `baseline`: wall time the view was last known current at start (its snapshot's time, else now);
+    `publish_timeout`: how long POST /admin/commands waits for the broker before it says so."""
     app = web.Application(middlewares=[json_errors, bearer_auth(config.admin_token), known_query_parameters], client_max_size=MAX_BODY_BYTES)
     app[CONFIG], app[FOLLOWER], app[PUBLISHER] = config, follower, publisher
     app[BASELINE] = time.time() if baseline is None else baseline
+    app[COMMAND_INDEX], app[PUBLISHING], app[KEYED] = CommandIndex(config.kafka), {}, asyncio.Lock()
+    app[PUBLISH_TIMEOUT] = publish_timeout
+    app.on_cleanup.append(_close_index)
     if progress is not None:
         app[PROGRESS] = progress
     if registry is not None:
@@ -412,10 +528,15 @@ def make_admin_app(
     app.router.add_get("/admin/ranges", ranges, allow_head=False)
     app.router.add_get("/admin/lookup", lookup, allow_head=False)
     app.router.add_post("/admin/commands", commands)
+    app.router.add_get("/admin/commands", command_lookup, allow_head=False)
     app.router.add_get("/admin/status", status, allow_head=False)
     app.router.add_get("/admin/history", history, allow_head=False)
     app.router.add_post("/admin/adopt", adopt)
     return app
+
+
+async def _close_index(app: web.Application) -> None:
+    await app[COMMAND_INDEX].close()
 
 
 async def start_admin(app: web.Application, host: str, port: int, *, access_log: bool = False) -> web.AppRunner:

@@ -64,7 +64,8 @@ def setup_logging(
 ) -> None:
     """Configure the root logger once per process (call it again in each worker: it replaces, not adds).
 
-    The level defaults to GATEWAY_LOG_LEVEL or INFO. aiokafka's chatter is kept at WARNING.
+    The level defaults to GATEWAY_LOG_LEVEL or INFO. aiokafka's chatter is kept at WARNING, and
+    its "Unable connect to" lines are dropped: our reconnect warning says it once per attempt.
     """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else PlainFormatter())
@@ -74,5 +75,11 @@ def setup_logging(
     root.addHandler(handler)
     root.setLevel(level or os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper())
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    logging.getLogger("aiokafka").addFilter(not_a_connect_error)
     ACCESS.setLevel(logging.INFO if access_log else logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.INFO if access_log else logging.WARNING)
+
+
+def not_a_connect_error(record: logging.LogRecord) -> bool:
+    """False for aiokafka's connection-refused line (the caller's retry line tells the same)."""
+    return not str(record.msg).startswith("Unable connect to")

@@ -20,11 +20,14 @@ _RANGE = {
     "properties": {"start": {"type": "string", "example": "10.0.0.0"}, "end": {"type": "string", "example": "10.0.0.99"}},
     "additionalProperties": False,
 }
-_FAMILY = {"name": "family", "in": "query", "required": False, "description": "Only IPv4 (4) or IPv6 (6) ranges.",
+_FAMILY = {"name": "family", "in": "query", "required": False,
+           "description": "Only IPv4 (4) or IPv6 (6) ranges; leave it out for both (given twice: 400).",
            "schema": {"type": "string", "enum": ["4", "6"]}}
 _FORMAT = {"name": "format", "in": "query", "required": False,
            "description": "json (default) or cidr: text/plain, one CIDR per line, ranges split into prefixes.",
            "schema": {"type": "string", "enum": ["json", "cidr"]}}
+_REQUEST_ID = {"X-Request-Id": {"description": "The request id, as the command record carries it.",
+                               "schema": {"type": "string"}}}
 _LISTING = {
     "200": {
         "description": "The ranges, in address order (IPv4 first); streamed.",
@@ -77,7 +80,28 @@ _DOCUMENT: dict[str, Any] = {
                 **_AUTH_ERRORS,
             },
         }},
-        "/admin/commands": {"post": {
+        "/admin/commands": {"get": {
+            "summary": "Find a command in the command log by the request id or Idempotency-Key it was sent with",
+            "operationId": "findCommand",
+            "parameters": [
+                {"name": "request_id", "in": "query", "required": False,
+                 "description": "The X-Request-Id POST /admin/commands echoed (give this or idempotency_key).",
+                 "schema": {"type": "string"}},
+                {"name": "idempotency_key", "in": "query", "required": False,
+                 "description": "The Idempotency-Key the command was sent with.", "schema": {"type": "string"}},
+            ],
+            "responses": {
+                "200": {"description": "The matching commands (an empty list: none was published).",
+                        "content": {"application/json": {"schema": {
+                            "type": "object", "required": ["commands"],
+                            "properties": {"commands": {"type": "array", "items": {
+                                "$ref": "#/components/schemas/Published"}}}}}}},
+                "400": _ERROR,
+                **_AUTH_ERRORS,
+                "503": {"description": "The command topic could not be read.",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            },
+        }, "post": {
             "summary": "Publish a BLACKLIST or WHITELIST command to the command topic",
             "operationId": "publishCommand",
             "parameters": [
@@ -88,7 +112,12 @@ _DOCUMENT: dict[str, Any] = {
                  "description": "Seconds to wait with wait=1 (default 10, at most 60).",
                  "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 60}},
                 {"name": "X-Request-Id", "in": "header", "required": False,
-                 "description": "Carried to the command record's request-id header.", "schema": {"type": "string"}},
+                 "description": "Carried to the command record's request-id header and echoed in the answer "
+                                "(a new id when absent).", "schema": {"type": "string"}},
+                {"name": "Idempotency-Key", "in": "header", "required": False,
+                 "description": "The record's key. A key already in the command log answers 200 with that command "
+                                "and publishes nothing: retry with it after a 503 or a lost answer.",
+                 "schema": {"type": "string", "minLength": 1, "maxLength": 200}},
             ],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "type": "object",
@@ -103,20 +132,29 @@ _DOCUMENT: dict[str, Any] = {
                 "additionalProperties": False,
             }}}},
             "responses": {
-                "202": {"description": "Published (and applied, with wait=1).", "content": {"application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["offset", "command"],
-                        "properties": {
-                            "offset": {"type": "integer", "minimum": 0},
-                            "command": {"type": "string"},
-                            "applied": {"type": "boolean"},
-                        },
-                    }}}},
+                "200": {"description": "Idempotency-Key seen before: that command, published earlier; nothing new.",
+                        "headers": _REQUEST_ID, "content": {"application/json": {"schema": {
+                            "$ref": "#/components/schemas/Published"}}}},
+                "202": {"description": "Published (and applied, with wait=1).", "headers": _REQUEST_ID,
+                        "content": {"application/json": {"schema": {
+                            "type": "object",
+                            "required": ["offset", "command", "request_id"],
+                            "properties": {
+                                "offset": {"type": "integer", "minimum": 0},
+                                "command": {"type": "string"},
+                                "request_id": {"type": "string"},
+                                "applied": {"type": "boolean"},
+                            },
+                        }}}},
                 "400": _ERROR,
                 **_AUTH_ERRORS,
                 "413": _ERROR,
-                "503": {"description": "The broker did not take the command; nothing was published.",
+                "422": {"description": "The Idempotency-Key was used for another command.",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+                "503": {"description": "The broker did not confirm the command: `published` false (it could not be "
+                                       "reached: nothing sent) or null (it may have been published; look it up "
+                                       "by request id, or retry with the same Idempotency-Key).",
+                        "headers": _REQUEST_ID,
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
                 "504": {"description": "Published, but not applied here within the timeout.",
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
@@ -216,6 +254,20 @@ _DOCUMENT: dict[str, Any] = {
         "schemas": {
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
             "Range": _RANGE,
+            "Published": {
+                "type": "object",
+                "required": ["offset", "command", "time", "idempotency_key", "request_id", "actor", "reason"],
+                "properties": {
+                    "offset": {"type": "integer", "minimum": 0},
+                    "command": {"type": "string"},
+                    "time": {"type": "string", "description": "When the broker took it (UTC)."},
+                    "idempotency_key": {"type": "string", "nullable": True},
+                    "request_id": {"type": "string", "nullable": True},
+                    "actor": {"type": "string", "nullable": True},
+                    "reason": {"type": "string", "nullable": True},
+                    "replayed": {"type": "boolean"},
+                },
+            },
             "Ranges": {
                 "type": "object",
                 "required": ["ranges", "count"],

@@ -22,3 +22,7 @@ class KafkaConfig:
     bootstrap: str
     commands_topic: str = DEFAULT_COMMANDS_TOPIC
     ranges_topic: str = DEFAULT_RANGES_TOPIC
+    # Production: topics come from the topics job with the cluster's replication factor, so
+    # no process ever creates the permanent command log with a default (RF 1) by accident.
+    create_topics: bool = True
+    replication_factor: int = 1

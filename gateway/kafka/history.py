@@ -54,8 +54,8 @@ async def replay(kafka: KafkaConfig, *, offset: int | None = None, until: dateti
             result.commands += 1
 
     consumer = log_reader(kafka.bootstrap, "gateway-replay")
-    await consumer.start()
-    try:
+    try:  # stopped even when start fails: a broker error must not leave an unclosed consumer behind
+        await consumer.start()
         consumer.assign([commands])
         await consumer.seek_to_beginning(commands)
         ends = await consumer.end_offsets([commands])

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from aiokafka import AIOKafkaProducer
 
@@ -48,8 +49,13 @@ class ImportResult:
     last_offset: int | None
 
 
+COMMENT = re.compile(r"[#;]")  # `#`: FireHOL .netset, plain lists; `;`: Spamhaus DROP/EDROP
+
+
 def parse_lines(lines: Iterable[bytes | str], default_action: str = BLACKLIST, source: str = "<input>") -> list[bytes]:
-    """Parse a FireHOL .netset-style file: one CIDR or address per line, `#` comments, blank lines.
+    """Parse a blocklist as feeds publish it: one CIDR or address per line, blank lines, and
+    comments from `#` or `;` to the end of the line (FireHOL .netset, Spamhaus DROP/EDROP
+    `1.10.16.0/20 ; SBL256894`, plain lists; CRLF line ends and a UTF-8 BOM are fine).
 
     A line may also be a full command (`WHITELIST 10.0.0.0/8`). Returns the commands as they go
     on the topic (canonical text); raises ImportFileError naming every bad line by number.
@@ -62,7 +68,9 @@ def parse_lines(lines: Iterable[bytes | str], default_action: str = BLACKLIST, s
         except UnicodeDecodeError as exc:
             errors.append((number, f"not UTF-8 text (bad byte at column {exc.start + 1})"))
             continue
-        line = line.split("#", 1)[0].strip()
+        if number == 1:
+            line = line.removeprefix("\ufeff")
+        line = COMMENT.split(line, 1)[0].strip()
         if not line:
             continue
         try:
@@ -207,24 +215,46 @@ async def publish(
         return await publisher.publish(command, key=key, actor=actor, reason=reason, request_id=request_id)
 
 
+IMPORT_CHUNK = 50_000  # records per flush of an import: the unit a broker must accept within the timeout
+
+
 async def import_file(
     kafka: KafkaConfig,
-    path: str | Path,
+    source: str | Path | BinaryIO,
     *,
     action: str = BLACKLIST,
     actor: str | None = None,
     reason: str | None = None,
+    timeout: float | None = None,
+    sending: list[bool] | None = None,
 ) -> ImportResult:
-    """`gateway ctl import FILE`: validate the whole file, then publish it in batches.
+    """`gateway ctl import FILE|-`: validate the whole file (a path, or an open binary file such
+    as stdin), then publish it in batches.
 
-    Raises ImportFileError (nothing sent) when any line is invalid.
+    Raises ImportFileError (nothing sent) when any line is invalid. `timeout`: how long the
+    broker may take to connect and to accept each chunk of IMPORT_CHUNK records (a frozen broker
+    is noticed that long after the last progress, however large the file); asyncio.TimeoutError.
+    `sending` gets True once records go to the broker: from then on a failure may have published some.
     """
-    with open(path, "rb") as file:
-        commands = parse_lines(file, action, str(path))
+    if isinstance(source, (str, Path)):
+        with open(source, "rb") as file:
+            commands = parse_lines(file, action, str(source))
+    else:
+        commands = parse_lines(source, action, getattr(source, "name", "<stdin>"))
     if not commands:
         return ImportResult(0, None, None)
-    async with Publisher(kafka) as publisher:
-        offsets = await publisher.publish_encoded(commands, actor=actor, reason=reason)
+    publisher = Publisher(kafka)
+    offsets: list[int] = []
+    try:
+        await asyncio.wait_for(publisher.start(), timeout)
+        if sending is not None:
+            sending.append(True)
+        for at in range(0, len(commands), IMPORT_CHUNK):
+            chunk = commands[at:at + IMPORT_CHUNK]
+            offsets += await asyncio.wait_for(publisher.publish_encoded(chunk, actor=actor, reason=reason), timeout)
+    finally:  # stopped even when start fails (no unclosed producer); bounded when the broker is frozen
+        with contextlib.suppress(Exception, asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(publisher.stop()), 1.0 if timeout else None)
     return ImportResult(len(offsets), offsets[0], offsets[-1])
 
 
@@ -235,6 +265,11 @@ class LazyPublisher:
         self.kafka = kafka
         self._publisher: Publisher | None = None
         self._lock = asyncio.Lock()
+
+    @property
+    def started(self) -> bool:
+        """Whether the producer is up; a failure while it is not sent nothing (admin API's 503)."""
+        return self._publisher is not None
 
     async def publish(self, command: Any, **headers: Any) -> int:
         async with self._lock:

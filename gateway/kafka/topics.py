@@ -82,8 +82,9 @@ class TopicError(RuntimeError):
     """A topic that exists but cannot be used as the design needs it."""
 
 
-async def ensure_topics(kafka: KafkaConfig, replication_factor: int = 1) -> None:
-    """Create the command and view topics when missing; refuse a commands topic of several partitions.
+async def ensure_topics(kafka: KafkaConfig, replication_factor: int | None = None) -> None:
+    """Create the command and view topics when missing (unless kafka.create_topics is off: then
+    they must exist); refuse a commands topic of several partitions.
 
     Topics are created before anything asks for their metadata: brokers that auto-create topics
     on a metadata request (Tansu, Kafka by default) would otherwise make them with defaults.
@@ -91,20 +92,30 @@ async def ensure_topics(kafka: KafkaConfig, replication_factor: int = 1) -> None
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, client_id="gateway-topics")
     await admin.start()
     try:
-        response = await admin.create_topics([
-            NewTopic(kafka.commands_topic, 1, replication_factor, topic_configs=COMMANDS_CONFIG),
-            NewTopic(kafka.ranges_topic, 1, replication_factor, topic_configs=RANGES_CONFIG),
-        ])
-        for topic, code, message in response.topic_errors:
-            if code not in (0, TOPIC_ALREADY_EXISTS):
-                raise TopicError(f"cannot create topic {topic!r}: error {code} {message or ''}".strip())
-        (described,) = await admin.describe_topics([kafka.commands_topic])
-        partitions = len(described["partitions"])
-        if partitions != 1:
-            raise TopicError(
-                f"commands topic {kafka.commands_topic!r} has {partitions} partitions; it must have exactly 1 "
-                "(commands are applied in one total order). Recreate it with one partition."
-            )
+        if kafka.create_topics:
+            factor = replication_factor or kafka.replication_factor
+            response = await admin.create_topics([
+                NewTopic(kafka.commands_topic, 1, factor, topic_configs=COMMANDS_CONFIG),
+                NewTopic(kafka.ranges_topic, 1, factor, topic_configs=RANGES_CONFIG),
+            ])
+            for topic, code, message in response.topic_errors:
+                if code not in (0, TOPIC_ALREADY_EXISTS):
+                    raise TopicError(f"cannot create topic {topic!r}: error {code} {message or ''}".strip())
+        else:  # listing all topics auto-creates none; describing a missing one may (Tansu)
+            existing = set(await admin.list_topics())
+            for topic in (kafka.commands_topic, kafka.ranges_topic):
+                if topic not in existing:
+                    raise TopicError(
+                        f"topic {topic!r} does not exist and topic creation is off (--no-create-topics):"
+                        " create it with the topics job (deploy/k8s/topics-job.yaml)"
+                    )
+        for described in await admin.describe_topics([kafka.commands_topic, kafka.ranges_topic]):
+            partitions = len(described["partitions"])
+            if described["topic"] == kafka.commands_topic and partitions != 1:
+                raise TopicError(
+                    f"commands topic {kafka.commands_topic!r} has {partitions} partitions; it must have exactly 1 "
+                    "(commands are applied in one total order). Recreate it with one partition."
+                )
     finally:
         await admin.close()
 
