@@ -37,6 +37,8 @@ BENCHES: dict[str, tuple[str, list[str], list[str], dict[str, str]]] = {
     "proxy": ("proxy", [], ["--duration", "3"], {}),
     # The same comparison with two gateway workers: does throughput grow with --workers?
     "proxy-2-workers": ("proxy", ["--workers", "2"], ["--workers", "2", "--duration", "3"], {}),
+    # What gateway.http.middleware costs an aiohttp app: bare vs the filter alone vs setup_blacklist.
+    "inline": ("inline", [], ["--duration", "2", "--rounds", "2"], {}),
 }
 
 
