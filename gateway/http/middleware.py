@@ -112,7 +112,7 @@ class InlineBlacklist:
         return peer
 
     def blocks(self, address: str) -> bool:
-        """Whether an address in any text form is blacklisted (False for non-addresses).
+        """Whether an IPv4 or IPv6 address (its text) is blacklisted; False for anything else.
 
         For addresses found elsewhere than the connection, e.g. an OpenRTB `device.ip`
         the handler has parsed anyway. False until the view is bootstrapped.

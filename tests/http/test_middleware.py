@@ -13,39 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import urllib.request
 import uuid
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import helpers
 import pytest
-from helpers import eventually, wait_until
+from helpers import eventually, running, wait_until
 
-from gateway.broker import stop_pid
 from gateway.kafka.config import KafkaConfig, parse_hostport
 from gateway.kafka.publisher import Publisher
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "aiohttp_bidder.py"
 BID_REQUEST = b'{"id": "r1", "imp": [{"id": "i1"}]}'
 TRUSTED = "127.0.0.3"
-
-
-@contextmanager
-def process(args: list[str], log_path: Path):
-    """A child process logging to a file; stopped by its PID, its log tail shown afterwards."""
-    log = open(log_path, "w+")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        stop_pid(proc, timeout=15)
-        log.seek(0)
-        sys.stderr.write(f"--- {log_path.name} ---\n{log.read()[-3000:]}")
-        log.close()
 
 
 def example_args(bootstrap: str, kafka: KafkaConfig, *extra: str) -> list[str]:
@@ -106,9 +90,9 @@ def inline(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory):
     logs = tmp_path_factory.mktemp("middleware")
     port4, port6 = helpers.free_port(), helpers.free_port("::")
     topics = ["--commands-topic", kafka.commands_topic, "--ranges-topic", kafka.ranges_topic]
-    with process([sys.executable, "-m", "gateway", "materialize", "--kafka", kafka_bootstrap, *topics],
+    with running([sys.executable, "-m", "gateway", "materialize", "--kafka", kafka_bootstrap, *topics],
                  logs / "materializer.log"), \
-         process(example_args(kafka_bootstrap, kafka, "--listen", f"127.0.0.1:{port4}", "--listen", f"[::]:{port6}",
+         running(example_args(kafka_bootstrap, kafka, "--listen", f"127.0.0.1:{port4}", "--listen", f"[::]:{port6}",
                               "--trusted-proxy", f"{TRUSTED}/32"), logs / "example.log"):
         wait_until(lambda: get(f"http://127.0.0.1:{port4}/readyz"), what="the example bidder ready")
 
@@ -249,7 +233,7 @@ async def test_503_until_bootstrapped_then_bids_until_blacklisted_then_a_clean_e
     with --reject-status 204 (no bid), as an OpenRTB bidder would answer."""
     client, port, broker = "127.0.0.5", helpers.free_port(), helpers.free_port()
     args = example_args(f"127.0.0.1:{broker}", inline.kafka, "--listen", f"127.0.0.1:{port}", "--reject-status", "204")
-    with process(args, tmp_path / "example.log") as example:
+    with running(args, tmp_path / "example.log") as example:
         await eventually(lambda: get(f"http://127.0.0.1:{port}/healthz"), what="the example listening")
         early = await call(port, client)
         assert (early.status, early.headers.get("Retry-After")) == (503, "1")
