@@ -20,10 +20,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import helpers
 import pytest
+from aiohttp import web
 from helpers import eventually, running, wait_until
 
+from gateway.http.middleware import setup_blacklist
 from gateway.kafka.config import KafkaConfig, parse_hostport
 from gateway.kafka.publisher import Publisher
 
@@ -257,3 +260,25 @@ async def test_503_until_bootstrapped_then_bids_until_blacklisted_then_a_clean_e
 
             example.terminate()
             assert await asyncio.to_thread(example.wait, 15) == 0
+
+
+async def test_a_request_without_a_peer_address_is_refused(kafka, tmp_path):
+    """Behind a unix socket there is no client address to judge: refused (fail closed), counted apart."""
+    async def bid(request: web.Request) -> web.Response:
+        return web.Response(text="bid")
+
+    app = web.Application()
+    guard = setup_blacklist(app, kafka, registry=None)
+    app.router.add_get("/bid", bid)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    path = str(tmp_path / "bidder.sock")
+    await web.UnixSite(runner, path).start()
+    try:
+        await eventually(lambda: guard.ready, what="the view bootstrapped")
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path)) as session:
+            async with session.get("http://bidder/bid") as response:
+                assert (response.status, await response.read()) == (403, b"")
+        assert (guard.rejected, guard.forwarded, guard.blocked) == (1, 0, 0)
+    finally:
+        await runner.cleanup()
