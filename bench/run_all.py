@@ -40,6 +40,8 @@ BENCHES: dict[str, tuple[str, list[str], list[str], dict[str, str]]] = {
     "proxy-2-workers": ("proxy", ["--workers", "2"], ["--workers", "2", "--duration", "3"], {}),
     # What a hostile client can make one worker spend (CPU, RSS), and what others see meanwhile.
     "hostile": ("hostile", [], [], {}),
+    # What gateway.http.middleware costs an aiohttp app: bare vs the filter alone vs setup_blacklist.
+    "inline": ("inline", [], ["--duration", "2", "--rounds", "2"], {}),
 }
 
 

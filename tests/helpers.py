@@ -1,5 +1,5 @@
-"""The synchronisation tools every test uses: a port nobody else is given, and a wait with a
-deadline that fails loudly.
+"""The synchronisation tools every test uses: a port nobody else is given, a wait with a
+deadline that fails loudly, and a child process that is always stopped by its PID.
 
 Tests import them (`from helpers import eventually, free_port`); tests/ is on sys.path
 because tests/conftest.py sits there.
@@ -14,9 +14,13 @@ import itertools
 import os
 import random
 import socket
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -112,3 +116,20 @@ def wait_until(check: Callable[[], Any], *, until: Callable[[Any], Any] | None =
                interval: float = 0.05, what: str | None = None) -> Any:
     """`eventually` for synchronous tests (subprocesses, files)."""
     return asyncio.run(eventually(check, until=until, timeout=timeout, interval=interval, what=what))
+
+
+@contextmanager
+def running(argv: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """A child process logging to `log_path`; stopped by its PID on the way out (SIGTERM, then
+    SIGKILL), and the tail of its log written to stderr, where pytest shows it on failure."""
+    from gateway.broker import stop_pid
+
+    log = open(log_path, "w+")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        stop_pid(proc, timeout=15)
+        log.seek(0)
+        sys.stderr.write(f"--- {log_path.name} ---\n{log.read()[-3000:]}")
+        log.close()

@@ -6,10 +6,9 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +17,6 @@ import pytest
 from aiohttp import web
 from helpers import eventually
 
-from gateway.broker import stop_pid
 from gateway.kafka.config import KafkaConfig
 from gateway.kafka.publisher import Publisher
 
@@ -53,17 +51,9 @@ async def bidder(delay_s: float = 0.0):
         await runner.cleanup()
 
 
-@contextmanager
 def process(args: list[str], tmp_path: Path, name: str):
-    log = open(tmp_path / f"{name}.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", *args], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        stop_pid(proc, timeout=15)
-        log.seek(0)
-        sys.stderr.write(f"--- {name} log ---\n{log.read()[-3000:]}")
-        log.close()
+    """`python -m gateway ARGS` as a child process (helpers.running): stopped by its PID at the end."""
+    return helpers.running([sys.executable, "-m", "gateway", *args], tmp_path / f"{name}.log")
 
 
 def serve_args(kafka: str, topics, upstreams: list[str], port: int, admin_port: int, *extra: str) -> list[str]:
