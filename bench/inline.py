@@ -37,7 +37,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-from proxy import blacklist, cpu_seconds, free_port, publish_blacklist, wait_http, wrk  # bench/proxy.py
+from proxy import (  # bench/proxy.py
+    blacklist,
+    cpu_seconds,
+    free_port,
+    publish_blacklist,
+    wait_http,
+    wrk,
+)
 
 from gateway.broker import start_broker, stop_pid
 

@@ -30,7 +30,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from gateway.bidder import bid_response
 from gateway.http.middleware import BLACKLIST, setup_blacklist
-from gateway.kafka.config import DEFAULT_COMMANDS_TOPIC, DEFAULT_RANGES_TOPIC, KafkaConfig, parse_hostport
+from gateway.kafka.config import (
+    DEFAULT_COMMANDS_TOPIC,
+    DEFAULT_RANGES_TOPIC,
+    KafkaConfig,
+    parse_hostport,
+)
 
 PROBES = ("/healthz", "/readyz", "/metrics")
 

@@ -21,8 +21,8 @@ import logging
 import os
 import signal
 import sys
-from datetime import datetime, timezone
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import click
@@ -34,7 +34,6 @@ from .kafka.config import (
     KafkaConfig,
     parse_hostport,
 )
-
 
 ENV_PREFIX = "GATEWAY"
 # Flags with one meaning in every command: one global variable each (documented in README).

@@ -30,10 +30,9 @@ import time
 from multiprocessing.process import BaseProcess
 
 import uvloop
-
-from .blacklist.ranges import RangeSet
 from aiohttp import web
 
+from .blacklist.ranges import RangeSet
 from .control.admin import make_admin_app
 from .control.logs import setup_logging
 from .control.metrics import Flusher, Metrics, multiprocess_dir, worker_exited

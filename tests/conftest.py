@@ -101,17 +101,3 @@ def read_topic(kafka_bootstrap: str):
             await consumer.stop()
 
     return read
-
-
-@pytest.fixture
-def read_view(read_topic):
-    """`await read_view(kafka)`: the view topic folded as a follower folds it (last value per key wins)."""
-    from gateway.blacklist.ranges import RangeSet
-
-    async def read(kafka) -> "RangeSet":
-        view = RangeSet()
-        for record in await read_topic(kafka.ranges_topic):
-            view.store(record.key.decode(), record.value.decode() if record.value is not None else None)
-        return view
-
-    return read

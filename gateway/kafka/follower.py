@@ -36,7 +36,14 @@ from aiokafka.errors import OffsetOutOfRangeError
 from ..blacklist.index import Index
 from ..blacklist.ranges import RangeSet
 from .config import KafkaConfig
-from .topics import ensure_topics, header, log_reader, partitions_of, read_to_end, true_end
+from .topics import (
+    ensure_topics,
+    header,
+    log_reader,
+    partitions_of,
+    read_to_end,
+    true_end,
+)
 from .view import Claim, ViewLoader, ViewRules
 
 log = logging.getLogger("gateway.follower")

@@ -48,6 +48,7 @@ from ..blacklist.addresses import format_address
 from ..blacklist.commands import Command, CommandError, parse_command
 from ..blacklist.ranges import RangeSet, Record
 from .config import KafkaConfig
+from .history import replay
 from .publisher import BatchWriter
 from .topics import (
     command_in,
@@ -58,7 +59,6 @@ from .topics import (
     read_to_end,
     true_end,
 )
-from .history import replay
 from .view import CLAIM_KEY, Claim, ViewLoader, ViewRules, new_log_id, repair_records
 
 log = logging.getLogger("gateway.materializer")

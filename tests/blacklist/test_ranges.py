@@ -2,7 +2,17 @@
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from model import BITS, any_command, common, copy_of, inside, mapped, reference, spans, tiny_commands
+from model import (
+    BITS,
+    any_command,
+    common,
+    copy_of,
+    inside,
+    mapped,
+    reference,
+    spans,
+    tiny_commands,
+)
 
 from gateway.blacklist.addresses import format_address, parse_address
 from gateway.blacklist.cidrs import range_to_cidrs

@@ -15,7 +15,6 @@ from aiohttp import web
 from helpers import eventually, free_port
 from proxyrig import exchange, get, ranges, read_response, start_bidder
 
-
 # -- blocking ----------------------------------------------------------------------------
 
 async def test_blocked_peer_gets_reject_status_and_upstream_is_not_called(gateway, bidder):

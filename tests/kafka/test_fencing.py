@@ -10,8 +10,8 @@ would leave it (last record per key, whoever wrote it), and the gateway's /admin
 
 from __future__ import annotations
 
-import ipaddress
 import asyncio
+import ipaddress
 import os
 import signal
 import subprocess
@@ -19,7 +19,14 @@ import sys
 
 import pytest
 from helpers import eventually
-from procs import TOKEN, log_count, logged, spawn_gateway, spawn_materializer, topic_args
+from procs import (
+    TOKEN,
+    log_count,
+    logged,
+    spawn_gateway,
+    spawn_materializer,
+    topic_args,
+)
 from reference import addresses_of, blocked, canonical, random_commands, view_of
 
 from gateway.bidder import bound_port, start_bidder

@@ -6,8 +6,8 @@ import os
 import signal
 import uuid
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 import reference
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from helpers import eventually
 from procs import spawn_materializer
 

@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from gateway.blacklist.commands import CommandError
-from gateway.kafka.topics import ensure_topics
 from gateway.kafka.publisher import (
     ImportFileError,
     Publisher,
@@ -16,6 +15,7 @@ from gateway.kafka.publisher import (
     parse_lines,
     publish,
 )
+from gateway.kafka.topics import ensure_topics
 
 
 async def test_publish_returns_offsets_and_carries_key_and_headers(kafka, read_topic):

@@ -2,11 +2,16 @@
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaError
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
 
-from gateway.kafka.topics import TopicError, delete_retention_ms, ensure_topics, no_auto_create
+from gateway.kafka.topics import (
+    TopicError,
+    delete_retention_ms,
+    ensure_topics,
+    no_auto_create,
+)
 
 
 async def topic_configs(bootstrap, topic):
