@@ -9,7 +9,7 @@ value = last address, as the materializer writes them). Then a follower in a fre
 bootstraps it: the time from its start to ready (view read to the end offsets, index built and
 swapped in), and the growth of its resident set at ready and after gc + malloc_trim (the steady
 state). Tansu does not compact, so the view holds exactly N records.
-Target (DESIGN.md): a 1M-range view to ready in <= 15 s.
+Target (docs/ARCHITECTURE.md): a 1M-range view to ready in <= 15 s.
 """
 
 from __future__ import annotations

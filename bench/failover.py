@@ -8,7 +8,7 @@ processes and one follower (the follower task of `gateway serve`) in this proces
 find the active writer (its /readyz says `active`), kill or freeze it, publish one command at
 once, and time until the follower has applied that command. A frozen writer is thawed after
 the command is enforced: its late writes must change nothing (the follower's view is compared
-with the fold of the command log at the end). Target (DESIGN.md): within session timeout + 5 s.
+with the fold of the command log at the end). Target (docs/ARCHITECTURE.md): within session timeout + 5 s.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Starts its own Tansu on a free loopback port (or uses KAFKA_BOOTSTRAP), stops it
 2. import: a FireHOL-style file of M lines (comments, hosts, CIDRs) goes through `import_file`
    (validate everything, then publish, as `gateway ctl import` does) while a `gateway materialize`
    process folds it; the figure is file -> the last command's view record written.
-Target (DESIGN.md): >= 20k commands/s; a 1M-line blocklist imported in <= 60 s.
+Target (docs/ARCHITECTURE.md): >= 20k commands/s; a 1M-line blocklist imported in <= 60 s.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ publishes one command at a time at --rate per second; each is a new /32, so it y
 view record. A follower's sample is the time from the command's timestamp (set when it is
 published; the materializer copies it onto the view record) to the moment the record is applied
 to its index. Per command the slowest of the 3 followers counts ("enforced on every gateway").
-Target (DESIGN.md): p99 <= 50 ms.
+Target (docs/ARCHITECTURE.md): p99 <= 50 ms.
 """
 
 from __future__ import annotations

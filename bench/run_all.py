@@ -156,7 +156,7 @@ def render(results: dict[str, dict], info: dict[str, str], quick: bool) -> str:
             parts.append(result["notes"] + "\n")
         parts.append(table(result["rows"]))
         if result.get("targets"):
-            parts.append("Against the targets of DESIGN.md:\n")
+            parts.append("Against the targets of docs/ARCHITECTURE.md:\n")
             parts.append(table(result["targets"]))
         if (BENCH / f"{name}.png").exists():
             parts.append(f"![{name}]({name}.png)\n")

@@ -15,7 +15,7 @@ from aiokafka import TopicPartition
 
 from ..blacklist.ranges import RangeSet
 from .config import KafkaConfig
-from .topics import command_in, log_reader, read_to_end
+from .topics import command_in, log_reader, partitions_of, read_to_end
 
 log = logging.getLogger("gateway.history")
 
@@ -30,7 +30,10 @@ class Replay:
 
 async def replay(kafka: KafkaConfig, *, offset: int | None = None, until: datetime | None = None) -> Replay:
     """`gateway ctl replay`: fold the commands before `offset` (the first N) and/or published at or
-    before `until` (a naive datetime is UTC, as everywhere in the admin API)."""
+    before `until` (a naive datetime is UTC, as everywhere in the admin API).
+
+    A commands topic that does not exist raises TopicError: a typo in a topic name must not
+    read as an empty blacklist, and reading never creates the topic."""
     if until is not None and until.tzinfo is None:
         until = until.replace(tzinfo=timezone.utc)
     until_ms = int(until.timestamp() * 1000) if until is not None else None
@@ -56,6 +59,7 @@ async def replay(kafka: KafkaConfig, *, offset: int | None = None, until: dateti
     consumer = log_reader(kafka.bootstrap, "gateway-replay")
     try:  # stopped even when start fails: a broker error must not leave an unclosed consumer behind
         await consumer.start()
+        await partitions_of(consumer, kafka.commands_topic)  # a missing log is an error, never an empty history
         consumer.assign([commands])
         await consumer.seek_to_beginning(commands)
         ends = await consumer.end_offsets([commands])

@@ -2,7 +2,7 @@
 
 The file holds the view records as stored, the next offset per view partition, the time it
 was written and the view topic's delete.retention.ms at that time. It is trusted only while
-younger than that retention (DESIGN.md, invariant 5): a follower that resumes from older
+younger than that retention (docs/ARCHITECTURE.md, invariant 5): a follower that resumes from older
 offsets could miss tombstones that compaction already removed. The retention travels in the
 file so a gateway whose broker is down can still decide. Written atomically (temp file,
 fsync, rename, fsync of the directory): a crash leaves the old snapshot or the new one.

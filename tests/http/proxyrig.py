@@ -99,7 +99,11 @@ def get(path="/", headers="", body=b"", method=b"GET") -> bytes:
 
 
 async def start_gateway(upstreams, index=None, ready=True, host="127.0.0.1", **settings):
-    """A Proxy on a loopback socket: (server, proxy, port)."""
+    """A Proxy on a loopback socket: (server, proxy, port).
+
+    The budget defaults to 5 s, not the product's 100 ms: a test of anything but the budget
+    must not turn into a timing test on a loaded machine. Budget tests set `budget_ms`."""
+    settings.setdefault("budget_ms", 5_000)
     config = ServeConfig(kafka=KafkaConfig("unused:9092"), upstreams=tuple(upstreams), **settings)
     view = SimpleNamespace(index=index or Index.build([]), ready=ready)
     proxy = Proxy(config, view)

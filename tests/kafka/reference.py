@@ -1,7 +1,7 @@
 """An independent reading of the view topic and of the command log, for exact comparisons.
 
 Written apart from gateway/kafka/view.py (plain `ipaddress` and dicts) so a test compares the
-code under test with a second reading of the rules of DESIGN.md, not with itself.
+code under test with a second reading of the rules of docs/ARCHITECTURE.md, not with itself.
 """
 
 from __future__ import annotations
