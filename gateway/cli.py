@@ -19,7 +19,6 @@ import errno
 import functools
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -249,43 +248,11 @@ def materialize(kafka: KafkaConfig | None, admin_listen: tuple[str, int] | None,
 
     kafka = need_kafka(kafka)
     setup_logging(json_lines=json_logs)
-    run_async(materialize_retrying(kafka, session_timeout_ms=session_timeout_ms, admin_listen=admin_listen,
+    from .materialize import run_retrying
+
+    run_async(run_retrying(kafka, session_timeout_ms=session_timeout_ms, admin_listen=admin_listen,
                                    new_log=new_log, refold=refold))
 
-
-MATERIALIZE_BACKOFF_S = (1.0, 30.0)  # first and longest pause between attempts
-
-
-async def materialize_retrying(kafka: KafkaConfig, **settings: Any) -> None:
-    """`materialize` until SIGTERM/SIGINT; when the broker cannot be reached or the topics are
-    wrong, one WARNING line per attempt and a growing pause, as `serve`'s follower retries."""
-    from aiokafka.errors import KafkaConnectionError, KafkaError
-
-    from .kafka.materializer import materialize
-    from .kafka.topics import TopicError
-
-    log = logging.getLogger("gateway.materializer")
-    loop = asyncio.get_running_loop()
-    delay = MATERIALIZE_BACKOFF_S[0]
-    while True:
-        try:
-            return await materialize(kafka, **settings)
-        except KafkaConnectionError:
-            log.warning("cannot connect to Kafka at %s (is --kafka right?); retrying in %g s", kafka.bootstrap, delay)
-        except (KafkaError, OSError, TopicError) as exc:
-            log.warning("cannot use Kafka at %s: %s; retrying in %g s", kafka.bootstrap,
-                        str(exc) or type(exc).__name__, delay)
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await asyncio.wait_for(stop.wait(), delay)
-            return
-        except (TimeoutError, asyncio.TimeoutError):
-            delay = min(delay * 2, MATERIALIZE_BACKOFF_S[1])
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
 
 
 @cli.command()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Mapping
 
@@ -566,31 +565,3 @@ def touch_record(view: RangeSet) -> list[Record]:
         return [("0.0.0.0", None)]
     version, start, end = first
     return [(format_address(version, start), format_address(version, end))]
-
-
-async def materialize(
-    kafka: KafkaConfig, *, session_timeout_ms: int = 6_000, admin_listen: tuple[str, int] | None = None,
-    new_log: bool = False, refold: bool = False,
-) -> None:
-    """`gateway materialize`: run one materializer instance until SIGTERM/SIGINT (graceful stop).
-
-    `admin_listen`: where to serve /healthz, /readyz and /metrics (poison records) for probes.
-    """
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    materializer = Materializer(kafka, session_timeout_ms=session_timeout_ms, new_log=new_log, refold=refold)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, materializer.stop)
-    stop_listener = None
-    if admin_listen is not None:
-        from ..control.metrics import serve_poison_metrics
-
-        stop_listener = await serve_poison_metrics(*admin_listen, materializer, "materializer")
-    try:
-        await materializer.run()
-    finally:
-        if stop_listener is not None:
-            await stop_listener()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
