@@ -119,17 +119,16 @@ def wait_until(check: Callable[[], Any], *, until: Callable[[Any], Any] | None =
 
 
 @contextmanager
-def running(argv: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
+def running(argv: list[str], log_path: Path, *, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     """A child process logging to `log_path`; stopped by its PID on the way out (SIGTERM, then
     SIGKILL), and the tail of its log written to stderr, where pytest shows it on failure."""
     from gateway.broker import stop_pid
 
-    log = open(log_path, "w+")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        stop_pid(proc, timeout=15)
-        log.seek(0)
-        sys.stderr.write(f"--- {log_path.name} ---\n{log.read()[-3000:]}")
-        log.close()
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        try:
+            yield proc
+        finally:
+            stop_pid(proc, timeout=20)
+            log.seek(0)
+            sys.stderr.write(f"--- {log_path.name} (exit {proc.returncode}) ---\n{log.read()[-3000:]}\n")

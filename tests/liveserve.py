@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-from helpers import eventually
+from helpers import eventually, running
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.broker import stop_pid
 
-
-@contextlib.contextmanager
-def gateway_process(args: list[str], log: Path, *, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
-    """`python -m gateway ARGS` with its output in `log`; stopped by its PID on the way out, its log's
-    end then shown on stderr (pytest prints it when the test failed)."""
-    with open(log, "w+") as out:
-        process = subprocess.Popen([sys.executable, "-m", "gateway", *args], stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=env)
-        try:
-            yield process
-        finally:
-            stop_pid(process, timeout=20)
-            out.seek(0)
-            sys.stderr.write(f"--- {log.name} (exit {process.returncode}) ---\n{out.read()[-3000:]}\n")
+def gateway_process(args: list[str], log: Path, *, env: dict[str, str] | None = None):
+    """`python -m gateway ARGS` with its output in `log`, stopped by its PID on the way out."""
+    return running([sys.executable, "-m", "gateway", *args], log, env=env)
 
 
 def samples(text: bytes | str) -> dict[tuple[str, tuple], float]:
