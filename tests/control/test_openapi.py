@@ -56,7 +56,11 @@ def live_gateway(kafka_bootstrap, tmp_path_factory) -> Iterator[str]:
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+# Derandomized: the same examples every run. A random negative case can drop the
+# Authorization header (which call_and_validate then puts back, as it must here) together
+# with a mutation that does not survive URL encoding, and the request it judges is not the
+# one sent. Unknown query parameters and missing tokens have their own tests (test_admin.py).
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_every_answer_matches_the_document(case, live_gateway):
     # 503/504 are documented answers (broker down, not applied in time), so 5xx is judged by the
     # document and only 500 is a bug. Which command texts and times are valid the schema cannot
