@@ -18,6 +18,7 @@ HOGS=${HOGS:-$(nproc)}
 HOG_LIMIT_S=${HOG_LIMIT_S:-1800}
 SUITE_LIMIT_S=${SUITE_LIMIT_S:-1800}
 OUT=${OUT:-$(mktemp -d /tmp/loaded-suite.XXXXXX)}
+mkdir -p "$OUT"
 PYTHON=.venv/bin/python
 [ -x "$PYTHON" ] || { echo "no $PYTHON: run python3 dev.py test once first" >&2; exit 2; }
 
