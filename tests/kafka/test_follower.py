@@ -36,34 +36,27 @@ async def write_view(kafka, ranges, linger_ms=50):
         await producer.stop()
 
 
-@pytest.fixture
-async def follower_of():
-    followers = []
+def running_tasks(make, stop_timeout: float):
+    """A fixture body: `start(kafka, **options)` runs `make(...)` as a task; each is stopped on the way out."""
 
-    async def start(kafka, **options):
-        follower = Follower(kafka, **options)
-        followers.append((follower, asyncio.create_task(follower.run())))
-        return follower
+    async def fixture():
+        started = []
 
-    yield start
-    for follower, task in followers:
-        follower.stop()
-        await asyncio.wait_for(task, 10)
+        async def start(kafka, **options):
+            component = make(kafka, **options)
+            started.append((component, asyncio.create_task(component.run())))
+            return component
+
+        yield start
+        for component, task in started:
+            component.stop()
+            await asyncio.wait_for(task, stop_timeout)
+
+    return fixture
 
 
-@pytest.fixture
-async def materializer_of():
-    running = []
-
-    async def start(kafka):
-        materializer = Materializer(kafka)
-        running.append((materializer, asyncio.create_task(materializer.run())))
-        return materializer
-
-    yield start
-    for materializer, task in running:
-        materializer.stop()
-        await asyncio.wait_for(task, 20)
+follower_of = pytest.fixture(running_tasks(Follower, 10), name="follower_of")
+materializer_of = pytest.fixture(running_tasks(Materializer, 20), name="materializer_of")
 
 
 async def test_bootstrap_of_100k_ranges_is_not_ready_before_the_end_and_exact_after(kafka, follower_of):
