@@ -39,7 +39,7 @@ from .control.metrics import Flusher, Metrics, multiprocess_dir, worker_exited
 from .control.progress import WorkerProgress
 from .http.config import ServeConfig
 from .http.proxy import ACCESS, Proxy, Stats
-from .http.tls import Reloadable, TlsFiles
+from .http.tls import Reloadable, TlsError, TlsFiles
 from .kafka.follower import Follower
 from .kafka.publisher import LazyPublisher
 from .kafka.snapshot import keep_writing
@@ -281,6 +281,11 @@ async def serve_worker(slot: int, config: ServeConfig, sock: socket.socket,
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    try:  # loaded from the files as they are now: a worker restarted after a bad rotation cannot serve
+        tls = reloadable(config.tls, "proxy")
+    except TlsError as exc:
+        log.error("worker %d cannot serve HTTPS: %s", slot, exc)
+        raise SystemExit(1) from None
     follower, baseline = start_follower(config)
     stats = Stats()
     proxy = Proxy(config, follower, stats)
@@ -290,7 +295,6 @@ async def serve_worker(slot: int, config: ServeConfig, sock: socket.socket,
     ]
     if progress is not None:
         tasks.append(asyncio.create_task(progress.report(slot, follower)))
-    tls = reloadable(config.tls, "proxy")
     if tls is not None:
         loop.add_signal_handler(signal.SIGHUP, tls.reload)
     server = await proxy.serve(sock, ssl=tls.context if tls else None)

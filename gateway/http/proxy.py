@@ -118,8 +118,11 @@ class Proxy(Core):
         """Accept clients on a listening socket (over TLS with `ssl`); starts the idle/slow sweeper.
 
         A TLS handshake must end within the request timeout: until it does, the connection is
-        not one of ours (no connection_made), so nothing else would bound it."""
-        tls = {"ssl": ssl, "ssl_handshake_timeout": self.config.request_timeout_s} if ssl is not None else {}
+        not one of ours (no connection_made), so nothing else would bound it. So must the TLS
+        close (our close_notify, the client's answer): until then the connection still counts
+        against max_connections (uvloop's default wait is 30 s)."""
+        timeout = self.config.request_timeout_s
+        tls = {"ssl": ssl, "ssl_handshake_timeout": timeout, "ssl_shutdown_timeout": timeout} if ssl else {}
         server = await self.loop.create_server(lambda: HttpConnection(self), sock=sock, backlog=4096, **tls)
         self._sweeper = self.loop.create_task(self._sweep())
         return server

@@ -61,8 +61,8 @@ def _load(context: ssl.SSLContext, files: TlsFiles) -> None:
 
 
 def _reason(exc: Exception) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or exc.strerror or type(exc).__name__
+    if isinstance(exc, ssl.SSLError):  # OpenSSL gives no reason for a file that is not PEM at all
+        return exc.reason or "not a PEM file OpenSSL can read"
     if isinstance(exc, OSError):
         return (exc.strerror or str(exc)).lower()
     return str(exc)

@@ -299,14 +299,24 @@ async def test_admin_over_tls_with_a_client_ca_refuses_a_client_without_a_certif
 @pytest.mark.parametrize("bad, says", [
     ("proxy-protocol", "--proxy-protocol cannot be combined with --tls-cert"),
     ("missing key", "cannot load TLS certificate"),
+    ("not PEM", "not a PEM file"),
+    ("files from the environment, proxy-protocol", "--proxy-protocol cannot be combined with --tls-cert"),
 ])
 def test_serve_refuses_tls_it_cannot_do_with_one_line(ca, tmp_path, bad, says):
     files, _ = write_pair(ca, tmp_path)
     key = "/nonexistent.key" if bad == "missing key" else files.key
+    if bad == "not PEM":
+        Path(files.cert).write_text("not a certificate\n")
+    tls = ["--tls-cert", files.cert, "--tls-key", key]
+    env = dict(os.environ)
+    if bad.startswith("files from the environment"):
+        env.update(GATEWAY_SERVE_TLS_CERT=files.cert, GATEWAY_SERVE_TLS_KEY=key)
+        tls = []
     args = ["serve", "--kafka", "127.0.0.1:1", "--upstream", "http://127.0.0.1:1",
             "--listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{free_port()}",
-            "--tls-cert", files.cert, "--tls-key", key, *(["--proxy-protocol"] if bad == "proxy-protocol" else [])]
-    done = subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60)
+            *tls, *(["--proxy-protocol"] if "proxy-protocol" in bad else [])]
+    done = subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60,
+                          env=env)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], done.stderr
