@@ -13,7 +13,8 @@ Each worker runs uvloop, its own follower of the view and the proxy. The supervi
 the admin listener with its own follower (gateway/control/admin.py), gathers the workers'
 metrics, restarts a worker that dies, and on SIGTERM or SIGINT tells every worker to
 drain: stop accepting, close idle keep-alive connections, answer what is in flight (with
-`Connection: close`), then exit.
+`Connection: close`), then exit. SIGHUP reloads the TLS certificates (gateway/http/tls.py):
+the supervisor its admin pair, each worker, told by the supervisor, its proxy pair.
 """
 
 from __future__ import annotations
