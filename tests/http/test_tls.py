@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -320,3 +321,38 @@ def test_serve_refuses_tls_it_cannot_do_with_one_line(ca, tmp_path, bad, says):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], done.stderr
+
+
+async def test_sighup_without_tls_kills_nothing(own_broker, tmp_path):
+    """SIGHUP means "reload the certificates": without TLS neither the supervisor nor a worker dies of it."""
+    bidder = await start_bidder()
+    port, admin = free_port(), free_port()
+    log = tmp_path / "gateway.log"
+
+    async def answers() -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await ask(reader, writer) == 200
+        finally:
+            writer.close()
+
+    try:
+        with gateway_process(serve_args(own_broker, bidder.url, port, admin, "--workers", "2"), log) as proc:
+            await eventually(answers, timeout=60, what="the gateway to serve")
+            workers = [int(pid) for pid in re.findall(r"worker \d started pid=(\d+)", log.read_text())]
+            assert len(workers) == 2
+            for pid in workers:  # SIGHUP ignored or caught, never the default (terminate)
+                assert handles_sighup(pid), f"worker {pid} would die of SIGHUP"
+            os.kill(proc.pid, signal.SIGHUP)
+            await eventually(lambda: "SIGHUP" in log.read_text(), timeout=20, what="the supervisor to take SIGHUP")
+            assert await answers()
+            assert proc.poll() is None
+    finally:
+        await bidder.runner.cleanup()
+
+
+def handles_sighup(pid: int) -> bool:
+    """Whether the process ignores or catches SIGHUP (from /proc: a mask, not a race)."""
+    fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    bit = 1 << (signal.SIGHUP - 1)
+    return bool((int(fields["SigIgn"], 16) | int(fields["SigCgt"], 16)) & bit)
