@@ -210,10 +210,10 @@ def start_nginx(workdir: Path, name: str, config: str) -> subprocess.Popen:
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
-def wrk(port: int, connections: int, duration: float, pids: list[int]) -> dict:
+def wrk(port: int, connections: int, duration: float, pids: list[int], scheme: str = "http") -> dict:
     before = cpu_seconds(pids)
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "--latency", f"http://127.0.0.1:{port}/bid"],
+        ["wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "--latency", f"{scheme}://127.0.0.1:{port}/bid"],
         capture_output=True, text=True, check=True, timeout=duration + 30,
     ).stdout
     cpu = cpu_seconds(pids) - before
@@ -228,6 +228,107 @@ def wrk(port: int, connections: int, duration: float, pids: list[int]) -> dict:
     }
 
 
+# -- HTTPS rows: the gateway and nginx terminating TLS with one certificate --------------------
+
+def https_certificate(workdir: Path) -> tuple[Path, Path]:
+    """One throwaway certificate for 127.0.0.1 (trustme), given to both TLS terminators."""
+    import trustme
+
+    issued = trustme.CA().issue_cert("127.0.0.1", "localhost")
+    cert, key = workdir / "https.pem", workdir / "https.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    key.write_bytes(issued.private_key_pem.bytes())
+    key.chmod(0o600)
+    return cert, key
+
+
+def nginx_https_conf(workdir: Path, port: int, upstream_port: int, cert: Path, key: Path) -> str:
+    """bench/nginx/proxy.conf with its listener over TLS (1.2 and 1.3, nginx's default ciphers)."""
+    conf = render("proxy.conf", dir=workdir, port=port, upstream_port=upstream_port)
+    listen = f"listen 127.0.0.1:{port} reuseport backlog=4096;"
+    assert listen in conf, "bench/nginx/proxy.conf changed its listen line"
+    return conf.replace("proxy.pid", "proxy-https.pid").replace(listen, (
+        f"listen 127.0.0.1:{port} ssl reuseport backlog=4096;\n"
+        f"        ssl_certificate {cert};\n        ssl_certificate_key {key};\n"
+        "        ssl_protocols TLSv1.2 TLSv1.3;"))
+
+
+def tls_handshake(port: int, timeout: float = 60.0) -> dict:
+    """Wait until port answers 200 over HTTPS; the protocol and cipher it negotiated (to show both match)."""
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # the bench's throwaway CA
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as raw, context.wrap_socket(raw) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    return {"protocol": s.version(), "cipher": s.cipher()[0]}
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing answering 200 over HTTPS on port {port}")
+
+
+def https_rows(args: argparse.Namespace, workdir: Path, ranges: list[tuple[int, int]], bidder_port: int,
+               broker, processes: list[subprocess.Popen]) -> tuple[dict[str, dict], dict]:
+    """wrk over HTTPS with keep-alive (handshakes only as wrk opens its connections) against the real
+    `gateway serve --tls-cert` and nginx with the same certificate: (results, negotiated TLS per target)."""
+    from gateway.broker import start_broker
+
+    cert, key = https_certificate(workdir)
+    gw = [sys.executable, "-m", "gateway"]
+    if broker is None:  # --prebuilt: a broker and view of the HTTPS gateway's own
+        broker = start_broker()
+        processes.append(broker.process)
+        processes.append(subprocess.Popen([*gw, "materialize", "--kafka", broker.bootstrap]))
+        asyncio.run(publish_blacklist(broker.bootstrap, ranges))
+    port, admin_port, token = free_port(), free_port(), "bench"
+    gateway = subprocess.Popen([*gw, "serve", "--kafka", broker.bootstrap, "--upstream",
+                                f"http://127.0.0.1:{bidder_port}", "--listen", f"127.0.0.1:{port}",
+                                "--admin-listen", f"127.0.0.1:{admin_port}", "--admin-token", token,
+                                "--workers", str(args.workers), "--tls-cert", str(cert), "--tls-key", str(key)])
+    processes.append(gateway)
+    wait_view(admin_port, token, len(ranges))
+    nginx_port = free_port()
+    nginx = start_nginx(workdir, "proxy-https", nginx_https_conf(workdir, nginx_port, bidder_port, cert, key))
+    processes.append(nginx)
+    targets = {"gateway-https": (port, gateway), "nginx-https": (nginx_port, nginx)}
+    tls = {name: tls_handshake(p) for name, (p, _) in targets.items()}
+    results = {}
+    for name, (p, process) in targets.items():
+        pids = tree(process.pid)
+        wrk(p, 16, 1, pids, "https")  # warm up
+        results[name] = {f"c{c}": wrk(p, c, args.duration, pids, "https") for c in (1, 16, 64)}
+        print(f"  measured {name}", file=sys.stderr)
+    return results, tls
+
+
+def https_summary(results: dict[str, dict], tls: dict) -> dict:
+    """HTTPS gateway against HTTPS nginx (same run, same certificate), and what TLS adds to each."""
+    out: dict = {"negotiated": tls}
+    for c in ("c16", "c64"):
+        gw, ngx = results["gateway-https"][c], results["nginx-https"][c]
+        out[c] = {
+            "gateway_https_vs_nginx_https": round(gw["rps"] / ngx["rps"], 2),
+            "cpu_us_per_req": {"gateway-https": gw["cpu_us_per_req"], "nginx-https": ngx["cpu_us_per_req"]},
+            "tls_adds_cpu_us": {name: round(results[f"{name}-https"][c]["cpu_us_per_req"]
+                                            - results[name][c]["cpu_us_per_req"], 1) for name in ("gateway", "nginx")},
+        }
+    return out
+
+
+def https_table(summary: dict) -> str:
+    lines = [f"TLS negotiated: {summary['negotiated']}"]
+    for c in ("c16", "c64"):
+        r = summary[c]
+        lines.append(f"{c}: gateway-https/nginx-https = {r['gateway_https_vs_nginx_https']}x; CPU us/req "
+                     f"{r['cpu_us_per_req']}; TLS adds {r['tls_adds_cpu_us']} us/req over plain HTTP")
+    return "\n".join(lines)
+
+
 # -- main -------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -236,6 +337,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--workers", type=int, default=1, help="gateway serve --workers")
     parser.add_argument("--prebuilt", action="store_true", help="gateway without broker: index built in-process")
+    parser.add_argument("--no-https", action="store_true", help="skip the HTTPS rows (gateway and nginx over TLS)")
     parser.add_argument("--out", default=str(HERE / "out" / "proxy.json"))
     parser.add_argument("--role", choices=("gateway", "aiohttp"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -255,6 +357,7 @@ def main() -> None:
     upstream = f"http://127.0.0.1:{bidder_port}"
     processes: list[subprocess.Popen] = []
     results: dict[str, dict] = {}
+    https_tls: dict = {}
     broker = None
     try:
         bidder = start_nginx(workdir, "bidder", render("bidder.conf", dir=workdir, port=bidder_port))
@@ -292,6 +395,9 @@ def main() -> None:
             wrk(port, 16, 1, pids)  # warm up: connections, caches
             results[name] = {f"c{c}": wrk(port, c, args.duration, pids) for c in (1, 16, 64)}
             print(f"  measured {name}", file=sys.stderr)
+        if not args.no_https:
+            https, https_tls = https_rows(args, workdir, ranges, bidder_port, broker, processes)
+            results.update(https)
     finally:
         for process in reversed(processes):
             stop_pid(process, timeout=10)
@@ -300,9 +406,13 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
     report = summarize(results, args)
+    if https_tls:
+        report["https"] = https_summary(results, https_tls)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
+    if "https" in report:
+        print(https_table(report["https"]))
     print(f"\nwritten: {args.out}")
 
 

@@ -181,6 +181,51 @@ def run_async(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
+def tls_options(command: Callable) -> Callable:
+    """HTTPS on the proxy port and on the admin listener (reloaded on SIGHUP)."""
+    path = click.Path(dir_okay=False)
+    for flag, help_text in reversed([
+        ("--tls-cert", "Serve the proxy port over HTTPS with this certificate chain (PEM)."),
+        ("--tls-key", "Private key (PEM) of --tls-cert."),
+        ("--admin-tls-cert", "Serve the admin listener over HTTPS with this certificate chain (PEM);"
+                             " give the same files as --tls-cert to reuse that pair."),
+        ("--admin-tls-key", "Private key (PEM) of --admin-tls-cert."),
+        ("--admin-tls-client-ca", "Require admin clients to present a certificate signed by this CA (PEM)."),
+    ]):
+        command = option(flag, default=None, type=path, metavar="PATH", help=help_text)(command)
+    return command
+
+
+def tls_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Pop the TLS flags from `settings`; the checked TlsFiles, or a one-line usage error (exit 2).
+
+    Every file is loaded here once, so a bad pair refuses to start instead of serving without TLS."""
+    from .http.tls import TlsError, TlsFiles, server_context
+
+    cert, key = settings.pop("tls_cert"), settings.pop("tls_key")
+    admin_cert, admin_key = settings.pop("admin_tls_cert"), settings.pop("admin_tls_key")
+    client_ca = settings.pop("admin_tls_client_ca")
+    if bool(cert) != bool(key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if bool(admin_cert) != bool(admin_key):
+        raise click.UsageError("--admin-tls-cert and --admin-tls-key go together")
+    if client_ca and not admin_cert:
+        raise click.UsageError("--admin-tls-client-ca needs --admin-tls-cert and --admin-tls-key")
+    if cert and settings.get("proxy_protocol"):
+        raise click.UsageError("--proxy-protocol cannot be combined with --tls-cert: the PROXY header comes"
+                               " before the TLS handshake (terminate TLS in the balancer, or pass it through"
+                               " without PROXY protocol)")
+    tls = TlsFiles(cert, key) if cert else None
+    admin_tls = TlsFiles(admin_cert, admin_key, client_ca) if admin_cert else None
+    for files in (tls, admin_tls):
+        if files is not None:
+            try:
+                server_context(files)
+            except TlsError as exc:
+                raise click.UsageError(str(exc)) from None
+    return {"tls": tls, "admin_tls": admin_tls}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="gateway", prog_name="gateway")
 def cli() -> None:
@@ -218,10 +263,12 @@ def cli() -> None:
         help="Resend a POST whose reused upstream connection died before answering (it may run twice).")
 @option("--access-log", is_flag=True, help="Log every request.")
 @option("--json-logs", is_flag=True, help="Log JSON lines.")
+@tls_options
 def serve(kafka: KafkaConfig | None, upstreams: tuple[str, ...], trusted_proxies: tuple[str, ...], **settings: Any) -> None:
     """Run the gateway: follow the view, block blacklisted clients, forward the rest."""
     from .server import ListenError, run
 
+    settings.update(tls_settings(settings))
     try:
         run(ServeConfig(kafka=need_kafka(kafka), upstreams=upstreams, trusted_proxies=trusted_proxies, **settings))
     except ListenError as exc:  # one line, non-zero exit, before any worker exists

@@ -13,7 +13,8 @@ Each worker runs uvloop, its own follower of the view and the proxy. The supervi
 the admin listener with its own follower (gateway/control/admin.py), gathers the workers'
 metrics, restarts a worker that dies, and on SIGTERM or SIGINT tells every worker to
 drain: stop accepting, close idle keep-alive connections, answer what is in flight (with
-`Connection: close`), then exit.
+`Connection: close`), then exit. SIGHUP reloads the TLS certificates (gateway/http/tls.py):
+the supervisor its admin pair, each worker, told by the supervisor, its proxy pair.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .control.metrics import Flusher, Metrics, multiprocess_dir, worker_exited
 from .control.progress import WorkerProgress
 from .http.config import ServeConfig
 from .http.proxy import ACCESS, Proxy, Stats
+from .http.tls import Reloadable, TlsError, TlsFiles
 from .kafka.follower import Follower
 from .kafka.publisher import LazyPublisher
 from .kafka.snapshot import keep_writing
@@ -155,6 +157,8 @@ class Supervisor:
             loop.add_signal_handler(sig, stop.set)
         for slot, process in enumerate(self.workers):
             loop.add_reader(process.sentinel, self._exited, slot)
+        admin_tls = reloadable(self.config.admin_tls, "admin")
+        loop.add_signal_handler(signal.SIGHUP, self.reload_tls, admin_tls)
 
         follower, baseline = start_follower(self.config)
         publisher = LazyPublisher(self.config.kafka)
@@ -169,7 +173,7 @@ class Supervisor:
                              registry=metrics.registry, baseline=baseline)
         admin = web.AppRunner(app, access_log=ACCESS if self.config.access_log else None, handle_signals=False)
         await admin.setup()
-        await web.SockSite(admin, self.admin_sock).start()
+        await web.SockSite(admin, self.admin_sock, ssl_context=admin_tls.context if admin_tls else None).start()
         log.info("serving", extra={"listen": f"{self.config.listen[0]}:{self.port}", "workers": self.config.workers,
                                    "admin": "%s:%d" % self.config.admin_listen})
         try:
@@ -184,6 +188,15 @@ class Supervisor:
             await admin.cleanup()
             await publisher.stop()
         log.info("stopped")
+
+    def reload_tls(self, admin_tls: Reloadable | None) -> None:
+        """SIGHUP: reload the admin listener's certificate, and have every worker reload the proxy's."""
+        log.info("SIGHUP: reloading TLS certificates")
+        if admin_tls is not None:
+            admin_tls.reload()
+        for process in self.workers:
+            if process is not None and process.exitcode is None:
+                os.kill(process.pid, signal.SIGHUP)
 
     def _exited(self, slot: int) -> None:
         process = self.workers[slot]
@@ -229,6 +242,11 @@ class Supervisor:
                 process.join()
 
 
+def reloadable(files: TlsFiles | None, name: str) -> Reloadable | None:
+    """A listener's TLS context, reloaded on SIGHUP; None when it serves plain HTTP."""
+    return Reloadable(files, name) if files is not None else None
+
+
 def start_follower(config: ServeConfig) -> tuple[Follower, float | None]:
     """This process's follower, starting from the snapshot when one is configured and fresh;
     and the snapshot's time (None without one)."""
@@ -252,6 +270,7 @@ def worker_main(slot: int, config: ServeConfig, sock: socket.socket, admin_fd: i
     asyncio.events._set_running_loop(None)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload forwarded before our loop listens must not kill us
     setup_logging(json_lines=config.json_logs, access_log=config.access_log)
     uvloop.run(serve_worker(slot, config, sock, progress))
 
@@ -263,6 +282,11 @@ async def serve_worker(slot: int, config: ServeConfig, sock: socket.socket,
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    try:  # loaded from the files as they are now: a worker restarted after a bad rotation cannot serve
+        tls = reloadable(config.tls, "proxy")
+    except TlsError as exc:
+        log.error("worker %d cannot serve HTTPS: %s", slot, exc)
+        raise SystemExit(1) from None
     follower, baseline = start_follower(config)
     stats = Stats()
     proxy = Proxy(config, follower, stats)
@@ -272,7 +296,9 @@ async def serve_worker(slot: int, config: ServeConfig, sock: socket.socket,
     ]
     if progress is not None:
         tasks.append(asyncio.create_task(progress.report(slot, follower)))
-    server = await proxy.serve(sock)
+    if tls is not None:
+        loop.add_signal_handler(signal.SIGHUP, tls.reload)
+    server = await proxy.serve(sock, ssl=tls.context if tls else None)
     try:
         await stop.wait()
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..kafka.config import KafkaConfig
+from .tls import TlsFiles
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,3 +35,5 @@ class ServeConfig:
     max_response_header_bytes: int = 16 << 10  # upstream response head; larger: 502
     access_log: bool = False
     json_logs: bool = False
+    tls: TlsFiles | None = None  # the proxy port speaks HTTPS with these files
+    admin_tls: TlsFiles | None = None  # the admin listener speaks HTTPS (client CA optional)

@@ -42,6 +42,7 @@ import re
 import socket
 from collections import deque
 from http import HTTPStatus
+from ssl import SSLContext
 
 import httptools
 
@@ -113,9 +114,16 @@ class Proxy(Core):
         self._sweeper: asyncio.Task | None = None
 
     # -- lifecycle --------------------------------------------------------------------
-    async def serve(self, sock: socket.socket) -> asyncio.Server:
-        """Accept clients on a listening socket; starts the idle/slow sweeper."""
-        server = await self.loop.create_server(lambda: HttpConnection(self), sock=sock, backlog=4096)
+    async def serve(self, sock: socket.socket, ssl: SSLContext | None = None) -> asyncio.Server:
+        """Accept clients on a listening socket (over TLS with `ssl`); starts the idle/slow sweeper.
+
+        A TLS handshake must end within the request timeout: until it does, the connection is
+        not one of ours (no connection_made), so nothing else would bound it. So must the TLS
+        close (our close_notify, the client's answer): until then the connection still counts
+        against max_connections (uvloop's default wait is 30 s)."""
+        timeout = self.config.request_timeout_s
+        tls = {"ssl": ssl, "ssl_handshake_timeout": timeout, "ssl_shutdown_timeout": timeout} if ssl else {}
+        server = await self.loop.create_server(lambda: HttpConnection(self), sock=sock, backlog=4096, **tls)
         self._sweeper = self.loop.create_task(self._sweep())
         return server
 

@@ -98,11 +98,12 @@ def get(path="/", headers="", body=b"", method=b"GET") -> bytes:
     return f"{method.decode()} {path} HTTP/1.1\r\nHost: gw\r\n{headers}{length}\r\n".encode() + body
 
 
-async def start_gateway(upstreams, index=None, ready=True, host="127.0.0.1", **settings):
+async def start_gateway(upstreams, index=None, ready=True, host="127.0.0.1", ssl=None, **settings):
     """A Proxy on a loopback socket: (server, proxy, port).
 
     The budget defaults to 5 s, not the product's 100 ms: a test of anything but the budget
-    must not turn into a timing test on a loaded machine. Budget tests set `budget_ms`."""
+    must not turn into a timing test on a loaded machine. Budget tests set `budget_ms`.
+    With `ssl` (a server SSLContext) the port speaks HTTPS."""
     settings.setdefault("budget_ms", 5_000)
     config = ServeConfig(kafka=KafkaConfig("unused:9092"), upstreams=tuple(upstreams), **settings)
     view = SimpleNamespace(index=index or Index.build([]), ready=ready)
@@ -113,7 +114,7 @@ async def start_gateway(upstreams, index=None, ready=True, host="127.0.0.1", **s
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.bind((host, 0))
     sock.listen()
-    server = await proxy.serve(sock)
+    server = await proxy.serve(sock, ssl=ssl)
     return server, proxy, sock.getsockname()[1]
 
 
