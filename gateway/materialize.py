@@ -14,6 +14,7 @@ from typing import Any
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from .control.metrics import serve_poison_metrics
+from .kafka.clients import KafkaAccessError
 from .kafka.config import KafkaConfig
 from .kafka.materializer import Materializer
 from .kafka.topics import TopicError
@@ -58,6 +59,8 @@ async def run_retrying(kafka: KafkaConfig, **settings: Any) -> None:
     while True:
         try:
             return await run(kafka, **settings)
+        except KafkaAccessError as exc:  # one line naming the cause: unreachable, TLS, SASL
+            log.warning("%s (retrying in %g s)", exc, delay)
         except KafkaConnectionError:
             log.warning("cannot connect to Kafka at %s (is --kafka right?); retrying in %g s", kafka.bootstrap, delay)
         except (KafkaError, OSError, TopicError) as exc:
