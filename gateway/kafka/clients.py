@@ -206,6 +206,15 @@ def explain(kafka: KafkaConfig, server: str, exc: BaseException) -> str:
     if kafka.uses_sasl and isinstance(exc, (KafkaError, KeyError, ValueError)) and _connected_before(exc):
         return (f"Kafka at {server}: SASL {kafka.sasl_mechanism} authentication failed for user"
                 f" {kafka.sasl_username!r}: wrong username or password?")
+    if isinstance(exc, KafkaConnectionError) and "closed" in str(exc):  # TCP worked; the broker hung up
+        if kafka.uses_tls and not kafka.ssl_certfile:
+            return (f"Kafka at {server} closed the TLS connection: it wants a client certificate"
+                    " (--kafka-ssl-certfile and --kafka-ssl-keyfile)")
+        if kafka.uses_tls:
+            return (f"Kafka at {server} closed the TLS connection: is the client certificate"
+                    f" ({kafka.ssl_certfile}) signed by a CA the broker trusts?")
+        return (f"Kafka at {server} closed the connection before answering: is it a TLS listener"
+                " (--kafka-security-protocol SSL or SASL_SSL)?")
     if isinstance(exc, (OSError, asyncio.TimeoutError, TimeoutError, KafkaConnectionError)):
         return f"cannot connect to Kafka at {server}: is the broker running and --kafka (GATEWAY_KAFKA) right?"
     return f"Kafka at {server}: {_safe(kafka, exc)}"
