@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import ssl
 import types
 from collections.abc import Awaitable, Callable
@@ -88,10 +89,36 @@ def ssl_context(kafka: KafkaConfig) -> ssl.SSLContext | None:
     return context
 
 
+class _Redact(logging.Filter):
+    """Blank the SASL password in aiokafka's own log records (its DEBUG lines print each request,
+    and a PLAIN authentication request carries the password in clear)."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self.secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if self.secret in text:
+            record.msg, record.args = text.replace(self.secret, "***"), ()
+        return True
+
+
+_REDACTED: set[str] = set()
+
+
+def _redact_password(kafka: KafkaConfig) -> None:
+    if kafka.sasl_password and kafka.sasl_password not in _REDACTED:
+        _REDACTED.add(kafka.sasl_password)
+        for name in ("aiokafka", "aiokafka.conn", "aiokafka.client"):
+            logging.getLogger(name).addFilter(_Redact(kafka.sasl_password))
+
+
 def security_settings(kafka: KafkaConfig) -> dict[str, Any]:
     """The aiokafka keyword arguments of every client for these settings."""
     settings: dict[str, Any] = {"security_protocol": kafka.security_protocol, "ssl_context": ssl_context(kafka)}
     if kafka.uses_sasl:
+        _redact_password(kafka)
         settings.update(sasl_mechanism=kafka.sasl_mechanism, sasl_plain_username=kafka.sasl_username,
                         sasl_plain_password=kafka.sasl_password)
     return settings
@@ -203,6 +230,9 @@ def explain(kafka: KafkaConfig, server: str, exc: BaseException) -> str:
     if isinstance(exc, UnsupportedSaslMechanismError):
         return (f"Kafka at {server}: SASL mechanism {kafka.sasl_mechanism} is not enabled on this listener"
                 " (check --kafka-sasl-mechanism and --kafka-security-protocol)")
+    if kafka.uses_sasl and isinstance(exc, KafkaConnectionError) and "closed" in str(exc):
+        return (f"Kafka at {server} closed the connection during SASL {kafka.sasl_mechanism} authentication of user"
+                f" {kafka.sasl_username!r}: wrong username or password, or a mechanism the listener does not enable?")
     if kafka.uses_sasl and isinstance(exc, (KafkaError, KeyError, ValueError)) and _connected_before(exc):
         return (f"Kafka at {server}: SASL {kafka.sasl_mechanism} authentication failed for user"
                 f" {kafka.sasl_username!r}: wrong username or password?")
@@ -221,12 +251,10 @@ def explain(kafka: KafkaConfig, server: str, exc: BaseException) -> str:
 
 
 def _connected_before(exc: BaseException) -> bool:
-    """True for failures that happen after TCP (and TLS) succeeded: during the SASL exchange."""
-    if isinstance(exc, (KeyError, ValueError)):
-        return True  # aiokafka's SCRAM parser, on a server message that refuses instead of answering
-    if isinstance(exc, KafkaConnectionError):
-        return "closed" in str(exc)  # the broker hung up mid-exchange (a refused PLAIN, on some brokers)
-    return True  # a broker's SASL error code
+    """True for failures that happen after TCP (and TLS) succeeded: during the SASL exchange
+    (a broker's SASL error code, or aiokafka's SCRAM parser on a server message that refuses
+    instead of answering); not for a connection that could not be made."""
+    return not isinstance(exc, KafkaConnectionError)
 
 
 def _safe(kafka: KafkaConfig, exc: BaseException) -> str:
