@@ -104,7 +104,9 @@ def kafka_security_options(command: Callable) -> Callable:
     """How every Kafka client of the command reaches the brokers: TLS, mutual TLS, SASL."""
     from .kafka.config import SASL_MECHANISMS, SECURITY_PROTOCOLS
 
-    readable = click.Path(exists=True, dir_okay=False, readable=True)
+    # Checked when the command runs (kafka_config), not when the line is parsed: the files are
+    # secrets mounted where the process runs, not where its command line is checked.
+    readable = click.Path(dir_okay=False)
     for decorator in reversed([
         option("--kafka-security-protocol", type=click.Choice(SECURITY_PROTOCOLS),
                default="PLAINTEXT", show_default=True,
@@ -138,6 +140,11 @@ def kafka_config(bootstrap: str, *, kafka_security_protocol: str = "PLAINTEXT", 
     Settings that cannot work together are a usage error (exit 2) before anything connects."""
     from .kafka.config import KafkaSettingsError
 
+    for flag, path in (("--kafka-sasl-password-file", kafka_sasl_password_file), ("--kafka-ssl-cafile", kafka_ssl_cafile),
+                       ("--kafka-ssl-certfile", kafka_ssl_certfile), ("--kafka-ssl-keyfile", kafka_ssl_keyfile)):
+        if path is not None and not os.access(path, os.R_OK):
+            reason = "it does not exist" if not os.path.exists(path) else "it is not readable by this user"
+            raise click.UsageError(f"Kafka settings: cannot read {flag} {path}: {reason}")
     password = os.environ.get(PASSWORD_ENV) or None
     if kafka_sasl_password_file is not None:
         if password is not None:
