@@ -336,6 +336,7 @@ async def serve_poison_metrics(host: str, port: int, source: Any, reader: str) -
                     registry=r)
     fenced = Counter("gateway_materializer_fenced", "Times this writer saw a newer claim and stopped writing.",
                      registry=r)
+    failing = metrics.kafka_failing
     seen = 0
     fenced_seen = 0
 
@@ -350,6 +351,7 @@ async def serve_poison_metrics(host: str, port: int, source: Any, reader: str) -
             if getattr(source, "backlog", None) is not None:
                 backlog.set(source.backlog)
             refused.set(1 if getattr(source, "refused", None) else 0)
+            failing.set(1 if getattr(source, "kafka_problem", None) else 0)
             if getattr(source, "fenced", 0) > fenced_seen:
                 fenced.inc(source.fenced - fenced_seen)
                 fenced_seen = source.fenced

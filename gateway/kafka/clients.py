@@ -164,6 +164,16 @@ def log_reader(kafka: KafkaConfig, client_id: str, *, fetch_max_wait_ms: int = 5
 
 Startable = TypeVar("Startable", AIOKafkaConsumer, AIOKafkaProducer, AIOKafkaAdminClient)
 
+# Per cluster settings, the outcome of the latest client start in this process: None when it
+# connected, else the line that says why not. Long-running processes report it while they retry.
+_LAST_START: dict[KafkaConfig, str | None] = {}
+
+
+def kafka_problem(kafka: KafkaConfig) -> str | None:
+    """Why the latest Kafka client this process started with these settings could not connect
+    (None: it did, or none was started yet)."""
+    return _LAST_START.get(kafka)
+
 
 def _explained(kafka: KafkaConfig, client: Startable) -> Startable:
     """Make the client's start() fail with one line naming the cause (KafkaAccessError).
@@ -181,7 +191,10 @@ def _explained(kafka: KafkaConfig, client: Startable) -> Startable:
             line = await diagnose(kafka)
             with contextlib.suppress(Exception, asyncio.TimeoutError):
                 await _close(client)
-            raise KafkaAccessError(line or f"cannot start a Kafka client on {kafka.bootstrap}: {_safe(kafka, exc)}") from None
+            line = line or f"cannot start a Kafka client on {kafka.bootstrap}: {_safe(kafka, exc)}"
+            _LAST_START[kafka] = line
+            raise KafkaAccessError(line) from None
+        _LAST_START[kafka] = None
 
     client.start = explained_start  # type: ignore[method-assign]
     return client

@@ -53,9 +53,10 @@ async def test_every_client_path_runs_over_mutual_tls(tls: TlsKafka, topic_names
     admin = f"http://127.0.0.1:{admin_port}"
     auth = {"Authorization": f"Bearer {TOKEN}"}
     env = clean_env(**tls.env(), GATEWAY_COMMANDS_TOPIC=topic_names.commands, GATEWAY_RANGES_TOPIC=topic_names.ranges)
+    materializer_port = free_port()
     with contextlib.ExitStack() as processes:
-        processes.enter_context(gateway_process(["materialize", *tls.args(), *topics(topic_names)],
-                                                tmp_path / "materialize.log"))
+        processes.enter_context(gateway_process(["materialize", *tls.args(), *topics(topic_names), "--admin-listen",
+                                                 f"127.0.0.1:{materializer_port}"], tmp_path / "materialize.log"))
         serve = processes.enter_context(gateway_process(
             ["serve", "--listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{admin_port}",
              "--admin-token", TOKEN, "--upstream", "http://127.0.0.1:9", "--snapshot", str(tmp_path / "view.snap")],
@@ -87,6 +88,9 @@ async def test_every_client_path_runs_over_mutual_tls(tls: TlsKafka, topic_names
                 assert [c["command"] for c in (await response.json())["commands"]] == ["BLACKLIST 192.0.2.0/24"]
             async with session.get(f"{admin}/admin/status") as response:
                 assert (await response.json())["kafka_problem"] is None
+            for url in (f"{admin}/metrics", f"http://127.0.0.1:{materializer_port}/metrics"):
+                async with session.get(url) as response:
+                    assert samples(await response.text())[FAILING] == 0, url
 
         replay = gateway("ctl", *tls.args(), *topics(topic_names), "replay", "--offset", "1")
         assert replay.returncode == 0, replay.stderr
@@ -177,18 +181,24 @@ async def test_serve_with_an_untrusted_certificate_retries_and_says_why(tls: Tls
         assert serve.poll() is None  # it keeps retrying
 
 
-def test_materialize_with_an_untrusted_certificate_logs_the_cause_each_retry(tls: TlsKafka, topic_names,
-                                                                              tmp_path) -> None:
-    log = tmp_path / "materialize.log"
-    with gateway_process(["materialize", *tls.args(ca=tls.other_ca), *topics(topic_names)], log, env=clean_env()):
-        lines = eventually_lines(log, "retrying in")
+async def test_materialize_with_an_untrusted_certificate_logs_the_cause_each_retry(tls: TlsKafka, topic_names,
+                                                                                    tmp_path) -> None:
+    log, port = tmp_path / "materialize.log", free_port()
+    with gateway_process(["materialize", *tls.args(ca=tls.other_ca), *topics(topic_names), "--admin-listen",
+                          f"127.0.0.1:{port}"], log, env=clean_env()):
+        async with aiohttp.ClientSession() as session:
+            async def metrics() -> dict:
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                    return samples(await response.text())
+
+            await eventually(metrics, until=lambda m: m.get(FAILING) == 1, timeout=30, interval=0.2,
+                             what="the materializer's gateway_kafka_connection_failing 1")
+            lines = await eventually_lines(log, "retrying in")
     assert lines[0].endswith(f"Kafka at {tls.bootstrap}: the broker's TLS certificate is not trusted (unable to get"
                              f" local issuer certificate): check --kafka-ssl-cafile ({tls.other_ca}) (retrying in 1 s)")
     assert lines[1].endswith("(retrying in 2 s)")
 
 
-def eventually_lines(log: Path, text: str, count: int = 2) -> list[str]:
-    from helpers import wait_until
-
-    wait_until(lambda: log.read_text().count(text) >= count, timeout=30, what=f"{count} lines with {text!r}")
+async def eventually_lines(log: Path, text: str, count: int = 2) -> list[str]:
+    await eventually(lambda: log.read_text().count(text) >= count, timeout=30, what=f"{count} lines with {text!r}")
     return [line for line in log.read_text().splitlines() if text in line]
