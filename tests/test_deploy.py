@@ -525,7 +525,7 @@ def test_alert_rules_cover_the_operational_failures() -> None:
     rules = [r for g in load_yaml(DEPLOY / "prometheus" / "alerts.yml")["groups"] for r in g["rules"]]
     exprs = " ".join(r["expr"] for r in rules)
     for needle in ("gateway_view_age_seconds", "gateway_view_lag_records", "gateway_poison_records_total",
-                   'outcome="upstream_error"', 'outcome="shed"', "gateway_ready"):
+                   'outcome="upstream_error"', 'outcome="shed"', "gateway_ready", "gateway_kafka_connection_failing"):
         assert needle in exprs, needle
     assert all(r["labels"]["severity"] in ("warning", "critical") and r["annotations"]["summary"] for r in rules)
 
