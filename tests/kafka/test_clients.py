@@ -243,3 +243,41 @@ async def test_aiokafka_debug_lines_are_redacted(ca_file: Path, caplog: pytest.L
     with caplog.at_level(logging.DEBUG, logger="aiokafka.conn"):
         logging.getLogger("aiokafka.conn").debug("Request %s", b"\x00alice\x00" + PASSWORD.encode())
     assert caplog.records and PASSWORD not in caplog.text and "***" in caplog.text
+
+
+async def test_serve_says_why_it_retries_and_recovers_when_the_broker_comes(tmp_path: Path, unique_topic) -> None:
+    """No broker yet: /admin/status names it and gateway_kafka_connection_failing is 1, while serve
+    retries; once a broker listens there, the problem clears and the gateway gets ready."""
+    import aiohttp
+    from helpers import eventually, free_port
+    from liveserve import answers, samples
+
+    kafka_port, admin_port = free_port(), free_port()
+    admin = f"http://127.0.0.1:{admin_port}"
+    args = ["serve", "--kafka", f"127.0.0.1:{kafka_port}", "--commands-topic", unique_topic("commands"),
+            "--ranges-topic", unique_topic("ranges"), "--listen", f"127.0.0.1:{free_port()}", "--admin-listen",
+            f"127.0.0.1:{admin_port}", "--admin-token", "t", "--upstream", "http://127.0.0.1:9"]
+    with gateway_process(args, tmp_path / "serve.log", env=clean_env()) as serve:
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer t"}) as session:
+            async def status() -> dict:
+                async with session.get(f"{admin}/admin/status") as response:
+                    return await response.json()
+
+            async def failing() -> float | None:
+                async with session.get(f"{admin}/metrics") as response:
+                    return samples(await response.text()).get(("gateway_kafka_connection_failing", ()))
+
+            await answers(session, f"{admin}/readyz", status=503, process=serve)
+            body = await eventually(status, until=lambda s: s["kafka_problem"], timeout=30, interval=0.2,
+                                    what="kafka_problem in /admin/status")
+            assert body["kafka_problem"] == (f"cannot connect to Kafka at 127.0.0.1:{kafka_port}: is the broker"
+                                             " running and --kafka (GATEWAY_KAFKA) right?")
+            await eventually(failing, until=lambda v: v == 1, timeout=30, interval=0.2, what="the gauge at 1")
+            broker = start_broker(kafka_port)
+            try:
+                await answers(session, f"{admin}/readyz", process=serve)
+                await eventually(status, until=lambda s: s["kafka_problem"] is None, timeout=30, interval=0.2,
+                                 what="kafka_problem cleared")
+                await eventually(failing, until=lambda v: v == 0, timeout=30, interval=0.2, what="the gauge at 0")
+            finally:
+                broker.stop()
