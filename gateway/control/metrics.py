@@ -117,8 +117,8 @@ class Metrics:
         self.stale = Counter("gateway_stale_records", "View records of a fenced writer skipped, by reader process.",
                              ["reader"], registry=r)
         self.kafka_failing = Gauge("gateway_kafka_connection_failing",
-                                   "1 while the follower cannot use the broker and retries (unreachable, untrusted"
-                                   " certificate, refused credentials: /admin/status says which).",
+                                   "1 while this process cannot use the broker and retries (unreachable, untrusted"
+                                   " certificate, refused login: /admin/status or the log says which).",
                                    registry=r, multiprocess_mode="livemax")
 
 
