@@ -27,10 +27,14 @@ TOKEN = "tls-test-token"
 FAILING = ("gateway_kafka_connection_failing", ())
 
 
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsKafka]:
+def need_haproxy() -> None:
     if not shutil.which("haproxy") and not Path("/usr/sbin/haproxy").exists():
         pytest.skip("haproxy not installed (Debian package haproxy; `python3 dev.py` as root installs it)")
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsKafka]:
+    need_haproxy()
     with tls_kafka(tmp_path_factory.mktemp("tls")) as rig:
         yield rig
 
@@ -205,3 +209,19 @@ async def test_materialize_with_an_untrusted_certificate_logs_the_cause_each_ret
 async def eventually_lines(log: Path, text: str, count: int = 2) -> list[str]:
     await eventually(lambda: log.read_text().count(text) >= count, timeout=30, what=f"{count} lines with {text!r}")
     return [line for line in log.read_text().splitlines() if text in line]
+
+
+def test_sasl_ssl_gets_through_tls_to_a_refused_login_named_in_one_line(tmp_path: Path, topic_names) -> None:
+    """SASL_SSL end to end as far as Tansu allows: mutual TLS through the proxy, then a real SCRAM
+    exchange with a broker that requires it (`--authentication`) and knows no user; the password
+    appears in no output."""
+    need_haproxy()
+    password = "pw-sasl-ssl-5d41402a-never-print"
+    with tls_kafka(tmp_path, broker_args=("--authentication",)) as rig:
+        run = gateway("ctl", *rig.args(), "--kafka-security-protocol", "SASL_SSL", "--kafka-sasl-mechanism",
+                      "SCRAM-SHA-512", "--kafka-sasl-username", "alice", *topics(topic_names), "blacklist", "10.0.0.0/8",
+                      env=clean_env(GATEWAY_KAFKA_SASL_PASSWORD=password))
+    assert run.returncode == 1
+    assert one_line(run) == (f"Error: Kafka at {rig.bootstrap}: SASL SCRAM-SHA-512 authentication failed for user"
+                             " 'alice': wrong username or password? Nothing was published.")
+    assert password not in run.stdout + run.stderr

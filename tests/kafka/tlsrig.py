@@ -94,8 +94,9 @@ def _tls_answers(port: int, ca: Path) -> bool:
 
 
 @contextmanager
-def tls_kafka(folder: Path) -> Iterator[TlsKafka]:
-    """Tansu + HAProxy on loopback, both stopped by PID on the way out."""
+def tls_kafka(folder: Path, broker_args: tuple[str, ...] = ()) -> Iterator[TlsKafka]:
+    """Tansu + HAProxy on loopback, both stopped by PID on the way out (`broker_args`: more Tansu
+    flags, e.g. `--authentication` for SASL behind the TLS)."""
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     if not Path(haproxy).exists():
         raise RuntimeError("haproxy is not installed: run `python3 dev.py` as root (it installs the Debian package)")
@@ -112,7 +113,7 @@ def tls_kafka(folder: Path) -> Iterator[TlsKafka]:
     client.cert_chain_pems[0].write_to_path(str(files["client.crt"]))
     client.private_key_pem.write_to_path(str(files["client.key"]))
     port, by_name_port = free_port(), free_port()
-    broker = start_broker(advertised=f"127.0.0.1:{port}")
+    broker = start_broker(advertised=f"127.0.0.1:{port}", extra_args=broker_args)
     try:
         config = folder / "haproxy.cfg"
         config.write_text(haproxy_config(files["server.pem"], files["by-name.pem"], files["ca.pem"], port,
