@@ -120,19 +120,23 @@ def stop_pid(process: subprocess.Popen, timeout: float = 5.0) -> int | None:
 
 
 def start_broker(port: int = 0, host: str = HOST, timeout: float = 15.0, log=subprocess.DEVNULL,
-                 new_session: bool = False) -> Broker:
+                 new_session: bool = False, advertised: str | None = None,
+                 extra_args: tuple[str, ...] = ()) -> Broker:
     """Start Tansu with memory storage on host:port (0 = a free port) and wait until it speaks Kafka.
 
     `new_session`: out of the caller's process group, so a terminal's Ctrl-C does not reach it
-    and the caller stops it when its clients are gone (the demo)."""
+    and the caller stops it when its clients are gone (the demo). `advertised`: the HOST:PORT
+    clients are told to connect to, when that is not the listener (a TLS-terminating proxy in
+    front of it: Tansu's own TLS does not answer aiokafka). `extra_args`: more broker flags
+    (`--authentication`: SASL SCRAM required)."""
     binary = tansu_path()
     attempts = 3 if port == 0 else 1
     for attempt in range(attempts):
         chosen = port or free_port(host)
         url = f"tcp://{host}:{chosen}"
         process = subprocess.Popen(
-            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url",
+             f"tcp://{advertised}" if advertised else url, "--storage-engine", "memory://tansu/", *extra_args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=new_session,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )

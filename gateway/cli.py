@@ -37,7 +37,12 @@ from .kafka.config import (
 ENV_PREFIX = "GATEWAY"
 # Flags with one meaning in every command: one global variable each (documented in README).
 GLOBAL = {"--kafka", "--commands-topic", "--ranges-topic", "--create-topics", "--replication-factor",
-          "--admin-token", "--json-logs"}
+          "--kafka-security-protocol", "--kafka-sasl-mechanism", "--kafka-sasl-username",
+          "--kafka-sasl-password-file", "--kafka-ssl-cafile", "--kafka-ssl-certfile", "--kafka-ssl-keyfile",
+          "--kafka-ssl-check-hostname", "--admin-token", "--json-logs"}
+# The SASL password is read from this variable (or --kafka-sasl-password-file), never from a flag:
+# a flag would put it in `ps`, shell history and unit files.
+PASSWORD_ENV = "GATEWAY_KAFKA_SASL_PASSWORD"
 KAFKA_TIMEOUT_S = 10.0  # how long a one-shot command (ctl) waits for the broker
 
 
@@ -78,14 +83,83 @@ def kafka_options(command: Callable) -> Callable:
             help="Create missing topics. Production: off, the topics job creates them with their replication.")
     @option("--replication-factor", default=1, show_default=True, type=click.IntRange(min=1),
             help="Replication factor of topics this process creates (3 on a production cluster).")
+    @kafka_security_options
     @functools.wraps(command)
     def wrapper(kafka: str | None, commands_topic: str, ranges_topic: str, create_topics: bool,
                 replication_factor: int, **kwargs: Any) -> Any:
-        config = None if kafka is None else KafkaConfig(
-            kafka, commands_topic, ranges_topic, create_topics=create_topics, replication_factor=replication_factor)
+        security = {name: kwargs.pop(name) for name in SECURITY_PARAMS}
+        config = None if kafka is None else kafka_config(
+            kafka, commands_topic=commands_topic, ranges_topic=ranges_topic, create_topics=create_topics,
+            replication_factor=replication_factor, **security)
         return command(config, **kwargs)
 
     return wrapper
+
+
+SECURITY_PARAMS = ("kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password_file",
+                   "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile", "kafka_ssl_check_hostname")
+
+
+def kafka_security_options(command: Callable) -> Callable:
+    """How every Kafka client of the command reaches the brokers: TLS, mutual TLS, SASL."""
+    from .kafka.config import SASL_MECHANISMS, SECURITY_PROTOCOLS
+
+    # Checked when the command runs (kafka_config), not when the line is parsed: the files are
+    # secrets mounted where the process runs, not where its command line is checked.
+    readable = click.Path(dir_okay=False)
+    for decorator in reversed([
+        option("--kafka-security-protocol", type=click.Choice(SECURITY_PROTOCOLS),
+               default="PLAINTEXT", show_default=True,
+               help="SASL_SSL for Amazon MSK, Confluent Cloud, Aiven; SSL for TLS or mutual TLS alone."),
+        option("--kafka-sasl-mechanism", type=click.Choice(SASL_MECHANISMS), default=None,
+               help="With SASL_SSL or SASL_PLAINTEXT."),
+        option("--kafka-sasl-username", default=None, metavar="NAME", help="The SASL user (principal User:NAME)."),
+        option("--kafka-sasl-password-file", type=readable, default=None, metavar="PATH",
+               help=f"File holding the SASL password (trailing newline ignored). Or set {PASSWORD_ENV};"
+                    " there is no flag for the password itself."),
+        option("--kafka-ssl-cafile", type=readable, default=None, metavar="PATH",
+               help="CA bundle (PEM) that signed the brokers' certificates (default: the system's trust store)."),
+        option("--kafka-ssl-certfile", type=readable, default=None, metavar="PATH",
+               help="Client certificate (PEM) for mutual TLS."),
+        option("--kafka-ssl-keyfile", type=readable, default=None, metavar="PATH",
+               help="Private key (PEM) of --kafka-ssl-certfile."),
+        option("--kafka-ssl-check-hostname/--kafka-ssl-no-check-hostname", default=True, show_default=True,
+               help="Check that the broker's certificate names the host connected to. Turn off only for"
+                    " brokers reached by an address their certificate does not carry."),
+    ]):
+        command = decorator(command)
+    return command
+
+
+def kafka_config(bootstrap: str, *, kafka_security_protocol: str = "PLAINTEXT", kafka_sasl_mechanism: str | None = None,
+                 kafka_sasl_username: str | None = None, kafka_sasl_password_file: str | None = None,
+                 kafka_ssl_cafile: str | None = None, kafka_ssl_certfile: str | None = None,
+                 kafka_ssl_keyfile: str | None = None, kafka_ssl_check_hostname: bool = True,
+                 **topics: Any) -> KafkaConfig:
+    """The KafkaConfig of the flags; the password from its file or GATEWAY_KAFKA_SASL_PASSWORD.
+    Settings that cannot work together are a usage error (exit 2) before anything connects."""
+    from .kafka.config import KafkaSettingsError
+
+    for flag, path in (("--kafka-sasl-password-file", kafka_sasl_password_file), ("--kafka-ssl-cafile", kafka_ssl_cafile),
+                       ("--kafka-ssl-certfile", kafka_ssl_certfile), ("--kafka-ssl-keyfile", kafka_ssl_keyfile)):
+        if path is not None and not os.access(path, os.R_OK):
+            reason = "it does not exist" if not os.path.exists(path) else "it is not readable by this user"
+            raise click.UsageError(f"Kafka settings: cannot read {flag} {path}: {reason}")
+    password = os.environ.get(PASSWORD_ENV) or None
+    if kafka_sasl_password_file is not None:
+        if password is not None:
+            raise click.UsageError(f"give the SASL password one way: {PASSWORD_ENV} or --kafka-sasl-password-file,"
+                                   " not both")
+        with open(kafka_sasl_password_file, encoding="utf-8") as file:
+            password = file.read().rstrip("\r\n") or None
+    try:
+        return KafkaConfig(
+            bootstrap, **topics, security_protocol=kafka_security_protocol,
+            sasl_mechanism=kafka_sasl_mechanism,
+            sasl_username=kafka_sasl_username, sasl_password=password, ssl_cafile=kafka_ssl_cafile,
+            ssl_certfile=kafka_ssl_certfile, ssl_keyfile=kafka_ssl_keyfile, ssl_check_hostname=kafka_ssl_check_hostname)
+    except KafkaSettingsError as exc:
+        raise click.UsageError(f"Kafka settings: {exc}") from None
 
 
 def need_kafka(kafka: KafkaConfig | None) -> KafkaConfig:
@@ -129,6 +203,7 @@ def run_kafka(kafka: KafkaConfig, coro_factory: Callable[[], Any], *, timeout: f
     what to check and, from `what()`, what is known of the job's effect (published or not)."""
     from aiokafka.errors import KafkaConnectionError, KafkaError
 
+    from .kafka.clients import KafkaAccessError
     from .kafka.topics import TopicError
 
     quiet_kafka_client()
@@ -137,6 +212,8 @@ def run_kafka(kafka: KafkaConfig, coro_factory: Callable[[], Any], *, timeout: f
     except (TimeoutError, asyncio.TimeoutError):
         problem = (f"Kafka at {kafka.bootstrap} did not answer within {message_timeout or timeout:g} s (--timeout): is the broker"
                    " frozen or overloaded?")
+    except KafkaAccessError as exc:  # names the cause: unreachable, untrusted certificate, refused password
+        problem = str(exc)
     except KafkaConnectionError:
         problem = f"cannot connect to Kafka at {kafka.bootstrap}: is the broker running and --kafka (GATEWAY_KAFKA) right?"
     except TopicError as exc:
@@ -452,7 +529,7 @@ def verify(kafka: KafkaConfig | None, gateway_url: str | None, token: str | None
     kafka = need_kafka(kafka)
     if gateway_url is not None and token is None:
         raise click.UsageError("--gateway needs --token (the gateway's admin token)")
-    report = run_async(check(kafka, gateway_url=gateway_url, token=token))
+    report = run_kafka(kafka, lambda: check(kafka, gateway_url=gateway_url, token=token), timeout=None)
     click.echo(report.text())
     sys.exit(0 if report.equal else 1)
 

@@ -174,7 +174,8 @@ def test_materialize_without_a_broker_retries_one_line_per_attempt(json_logs: bo
     assert materializer.seen, "no output"
     for line, delay in zip(materializer.seen, ["1", "2", "4", "8"]):
         text = json.loads(line)["message"] if json_logs else line.rstrip("\n")
-        assert text.endswith(f"cannot connect to Kafka at 127.0.0.1:1 (is --kafka right?); retrying in {delay} s"), line
+        assert text.endswith(f"cannot connect to Kafka at 127.0.0.1:1: is the broker running and --kafka"
+                             f" (GATEWAY_KAFKA) right? (retrying in {delay} s)"), line
 
 
 def test_materialize_json_logs_are_json_and_aiokafka_says_no_info(kafka_bootstrap: str, unique_topic) -> None:

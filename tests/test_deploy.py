@@ -30,6 +30,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gateway.cli import PASSWORD_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
@@ -130,6 +132,8 @@ def cli_problems(root: click.Command, inv: Invocation) -> list[str]:
             cmd = root
             while True:
                 known_env |= {n for p in cmd.params for n in envvar_names(p, ctx)}
+                if any(p.name == "kafka" for p in cmd.params):
+                    known_env.add(PASSWORD_ENV)  # read by the Kafka settings, not by an option
                 if not isinstance(cmd, click.Group):
                     break
                 protected = ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args
@@ -298,8 +302,7 @@ def compose_problems(root: click.Command, compose: dict, haproxy_cfg: str, prome
                 problems.append(f"{name}: admin port {listen_port(name, '--admin-listen')} but the image HEALTHCHECK polls {health_port}")
         for kafka in inv.flag("--kafka"):
             host, _, port = kafka.rpartition(":")
-            listeners = str((services.get(host) or {}).get("environment", {}).get("KAFKA_ADVERTISED_LISTENERS", ""))
-            if f"://{host}:{port}" not in listeners:
+            if f"://{host}:{port}" not in advertised_listeners(services.get(host) or {}):
                 problems.append(f"{name}: --kafka {kafka} is no advertised listener of a compose service")
     for name, inv in serve.items():
         for url in inv.flag("--upstream"):
@@ -350,6 +353,26 @@ def compose_problems(root: click.Command, compose: dict, haproxy_cfg: str, prome
     if missing:
         problems.append(f"not scraped by prometheus: {sorted(missing)}")
     return problems
+
+
+def broker_properties(service: dict) -> dict[str, str]:
+    """The Kafka service's settings: its server.properties file input (deploy/kafka/), then KAFKA_* env."""
+    props: dict[str, str] = {}
+    for volume in service.get("volumes") or []:
+        source, _, target = str(volume).partition(":")
+        if target.startswith("/mnt/shared/config/server.properties"):
+            for line in (DEPLOY / source).read_text().splitlines():
+                if line.strip() and not line.startswith("#"):
+                    key, _, value = line.partition("=")
+                    props[key.strip()] = value.strip()
+    for key, value in (service.get("environment") or {}).items():
+        if key.startswith("KAFKA_") and key != "KAFKA_OPTS":
+            props[key[6:].lower().replace("_", ".")] = str(value)
+    return props
+
+
+def advertised_listeners(service: dict) -> str:
+    return broker_properties(service).get("advertised.listeners", "")
 
 
 def topic_problems(root: click.Command, script: str, where: str) -> list[str]:
@@ -420,7 +443,7 @@ def mutate_command(compose: dict, service: str, old: str, new: str) -> dict:
         ("gateway-a", "serve", "serv", "No such command"),
         ("gateway-b", "0.0.0.0:8081", "0.0.0.0:8091", "admin port"),
         ("gateway-a", "http://bidder:9000", "http://bidder:9001", "upstream"),
-        ("materializer", "kafka:9092", "kafka:9093", "advertised listener"),
+        ("materializer", "kafka:9093", "kafka:9094", "advertised listener"),
         ("gateway-a", "172.28.0.10/32", "172.28.0.11/32", "trusted-proxy"),
     ],
 )
@@ -502,7 +525,7 @@ def test_alert_rules_cover_the_operational_failures() -> None:
     rules = [r for g in load_yaml(DEPLOY / "prometheus" / "alerts.yml")["groups"] for r in g["rules"]]
     exprs = " ".join(r["expr"] for r in rules)
     for needle in ("gateway_view_age_seconds", "gateway_view_lag_records", "gateway_poison_records_total",
-                   'outcome="upstream_error"', 'outcome="shed"', "gateway_ready"):
+                   'outcome="upstream_error"', 'outcome="shed"', "gateway_ready", "gateway_kafka_connection_failing"):
         assert needle in exprs, needle
     assert all(r["labels"]["severity"] in ("warning", "critical") and r["annotations"]["summary"] for r in rules)
 
@@ -881,3 +904,223 @@ def test_every_unit_and_env_file_of_the_guide_exists() -> None:
         assert f"deploy/systemd/{name}" in steps
         for ref in unit_settings(systemd_units()[name], "EnvironmentFile"):
             assert ref.lstrip("-") in steps, f"{name} reads {ref}, which the guide never creates"
+
+
+# ---------------------------------------------------------------- Kafka security (issue 17)
+
+
+K8S_KAFKA_SECRETS = DEPLOY / "templates" / "k8s-kafka-secrets.yaml"
+
+
+def kafka_settings_problems(inv: Invocation, secret_files: Mapping[str, str]) -> list[str]:
+    """A gateway-image process reaches Kafka over SASL_SSL as a named principal, with its password
+    and CA from files a secret provides (`secret_files`: mounted path -> what provides it), never a
+    literal password in its environment or on its command line."""
+    where, env = inv.source, inv.env
+    problems = []
+    if env.get("GATEWAY_KAFKA_SECURITY_PROTOCOL") != "SASL_SSL":
+        problems.append(f"{where}: Kafka security protocol {env.get('GATEWAY_KAFKA_SECURITY_PROTOCOL')!r}, not SASL_SSL")
+    if env.get("GATEWAY_KAFKA_SASL_MECHANISM") not in ("SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"):
+        problems.append(f"{where}: no SASL mechanism")
+    if not env.get("GATEWAY_KAFKA_SASL_USERNAME"):
+        problems.append(f"{where}: no SASL username (principal)")
+    if PASSWORD_ENV in env:
+        problems.append(f"{where}: {PASSWORD_ENV} set in the manifest (use a password file from a secret)")
+    if any(arg.startswith("--kafka-sasl-password") and arg != "--kafka-sasl-password-file" for arg in inv.argv):
+        problems.append(f"{where}: a password on the command line")
+    for var in ("GATEWAY_KAFKA_SASL_PASSWORD_FILE", "GATEWAY_KAFKA_SSL_CAFILE"):
+        path = env.get(var)
+        if path is None or path not in secret_files:
+            problems.append(f"{where}: {var}={path} is no file a secret provides ({sorted(secret_files)})")
+    return problems
+
+
+def compose_secret_files(compose: dict, service: dict) -> dict[str, str]:
+    """Mounted path -> secret name, for the secrets a compose service lists that are defined as files."""
+    defined = compose.get("secrets") or {}
+    files = {}
+    for entry in service.get("secrets") or []:
+        source = entry if isinstance(entry, str) else entry["source"]
+        target = entry if isinstance(entry, str) else entry.get("target", source)
+        if "file" in (defined.get(source) or {}):
+            files[f"/run/secrets/{target}"] = source
+    return files
+
+
+def compose_kafka_problems(compose: dict) -> list[str]:
+    problems, users = [], {}
+    for name, inv in compose_invocations(compose).items():
+        if inv.subcommand not in ("serve", "materialize"):
+            continue
+        problems += kafka_settings_problems(inv, compose_secret_files(compose, compose["services"][name]))
+        users.setdefault(inv.subcommand, set()).add(inv.env.get("GATEWAY_KAFKA_SASL_USERNAME"))
+        for kafka in inv.flag("--kafka"):
+            host, _, port = kafka.rpartition(":")
+            if f"SASL_SSL://{host}:{port}" not in advertised_listeners(compose["services"].get(host) or {}):
+                problems.append(f"compose:{name}: --kafka {kafka} is no SASL_SSL listener")
+    if users.get("serve", set()) & users.get("materialize", set()):
+        problems.append(f"compose: gateways and the materializer share a Kafka principal {users}")
+    return problems
+
+
+def k8s_kafka_problems(docs: list[dict]) -> list[str]:
+    secrets = by_kind(docs, "Secret")
+    problems, users = [], {}
+    for workload, container, inv, _ in k8s_invocations(docs):
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"].get("volumes", [])}
+        files = {}
+        for mount in container.get("volumeMounts", []):
+            secret = (volumes.get(mount["name"]) or {}).get("secret")
+            if secret:
+                keys = (secrets.get(secret["secretName"]) or {}).get("stringData") or {}
+                files.update({f"{mount['mountPath']}/{key}": secret["secretName"] for key in keys})
+        problems += kafka_settings_problems(inv, files)
+        users.setdefault(inv.subcommand, set()).add(inv.env.get("GATEWAY_KAFKA_SASL_USERNAME"))
+        pod = workload["spec"]["template"]["spec"]["securityContext"]
+        if files and pod.get("fsGroup") is None:
+            problems.append(f"{inv.source}: secret files mounted 0440 but no fsGroup: user {pod.get('runAsUser')}"
+                            " cannot read them")
+    if users.get("serve", set()) & users.get("materialize", set()):
+        problems.append(f"k8s: gateways and the materializer share a Kafka principal {users}")
+    return problems
+
+
+def test_compose_reaches_kafka_over_sasl_ssl_from_file_secrets() -> None:
+    assert compose_kafka_problems(load_compose()) == []
+
+
+def test_k8s_reaches_kafka_over_sasl_ssl_from_mounted_secrets() -> None:
+    docs = load_k8s() + [d for d in yaml.safe_load_all(K8S_KAFKA_SECRETS.read_text()) if d]
+    assert k8s_schema_problems([d for d in docs if d["kind"] == "Secret"]) == []
+    assert k8s_kafka_problems(docs) == []
+
+
+def test_kafka_credential_secrets_are_marked_placeholders_kept_out_of_the_applied_folder() -> None:
+    templates = [d for d in yaml.safe_load_all(K8S_KAFKA_SECRETS.read_text()) if d]
+    assert {d["metadata"]["name"] for d in templates} == {"gateway-kafka-serve", "gateway-kafka-materializer",
+                                                          "gateway-kafka-admin"}
+    assert all("REPLACE-ME" in v for d in templates for v in d["stringData"].values())
+    assert not [d for d in load_k8s(with_secret=False) if d["kind"] == "Secret"]
+
+
+@pytest.mark.parametrize("breaks, expected", [
+    (lambda c: c["x-kafka-env"].update(GATEWAY_KAFKA_SECURITY_PROTOCOL="PLAINTEXT"), "not SASL_SSL"),
+    (lambda c: c["services"]["materializer"]["environment"].update(GATEWAY_KAFKA_SASL_PASSWORD="hunter2"),
+     "GATEWAY_KAFKA_SASL_PASSWORD set"),
+    (lambda c: c["services"]["materializer"].update(secrets=["kafka-ca"]), "no file a secret provides"),
+    (lambda c: c["services"]["materializer"]["environment"].update(GATEWAY_KAFKA_SASL_USERNAME="gateway"),
+     "share a Kafka principal"),
+])
+def test_compose_kafka_checker_finds_breakage(breaks: Any, expected: str) -> None:
+    raw = yaml.safe_load(interpolate((DEPLOY / "compose.yaml").read_text()))
+    breaks(raw)
+    # YAML anchors were resolved at load time: re-apply the shared Kafka settings the way the merge key does.
+    for service in raw["services"].values():
+        if "GATEWAY_KAFKA_SECURITY_PROTOCOL" in (service.get("environment") or {}):
+            service["environment"] = {**service["environment"], **{k: v for k, v in raw["x-kafka-env"].items()
+                                                                   if k == "GATEWAY_KAFKA_SECURITY_PROTOCOL"}}
+    problems = compose_kafka_problems(raw)
+    assert any(expected in p for p in problems), problems
+
+
+@pytest.mark.parametrize("breaks, expected", [
+    (lambda d: by_kind(d, "ConfigMap")["gateway-serve"]["data"].update(GATEWAY_KAFKA_SSL_CAFILE="/etc/ca.crt"),
+     "no file a secret provides"),
+    (lambda d: by_kind(d, "Deployment")["gateway-materializer"]["spec"]["template"]["spec"]["securityContext"]
+     .pop("fsGroup"), "no fsGroup"),
+    (lambda d: by_kind(d, "ConfigMap")["gateway-materializer"]["data"].update(GATEWAY_KAFKA_SASL_USERNAME="gateway"),
+     "share a Kafka principal"),
+])
+def test_k8s_kafka_checker_finds_breakage(breaks: Any, expected: str) -> None:
+    docs = copy.deepcopy(load_k8s() + [d for d in yaml.safe_load_all(K8S_KAFKA_SECRETS.read_text()) if d])
+    breaks(docs)
+    problems = k8s_kafka_problems(docs)
+    assert any(expected in p for p in problems), problems
+
+
+def acl_grants(text: str) -> set[tuple[str, str, str, str]]:
+    """(principal, operation, resource type, resource name) of every `kafka-acls ... --add` in a
+    shell text (the README's commands, compose's topics script); line continuations joined."""
+    grants = set()
+    for line in text.replace("\\\n", " ").splitlines():
+        if "--add" not in line or "--allow-principal" not in line:
+            continue
+        words = shlex.split(line.replace("$$", "$"))
+        value = {w: words[i + 1] for i, w in enumerate(words[:-1])}
+        operations = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--operation"]
+        for kind in ("--topic", "--group", "--cluster"):
+            if kind in words:
+                for op in operations:
+                    grants.add((value["--allow-principal"], op, kind.lstrip("-"), value.get(kind, "")))
+    return grants
+
+
+def least_privilege_problems(grants: set[tuple[str, str, str, str]], materializer: str, where: str) -> list[str]:
+    problems = []
+    writers = {p for p, op, kind, name in grants if kind == "topic" and name == "blacklist.ranges" and op in ("Write", "All")}
+    if writers != {materializer}:
+        problems.append(f"{where}: the view topic is writable by {sorted(writers)}, not by {materializer} alone")
+    if any(op == "All" for _, op, _, _ in grants):
+        problems.append(f"{where}: an ALL grant")
+    needed = {(materializer, "Read", "group", "gateway-materializer.blacklist.commands"),
+              (materializer, "Read", "topic", "blacklist.commands"), (materializer, "Write", "topic", "blacklist.ranges")}
+    if not needed <= grants:
+        problems.append(f"{where}: the materializer lacks {sorted(needed - grants)}")
+    return problems
+
+
+def test_only_the_materializer_may_write_the_view_in_the_documented_acls() -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    grants = acl_grants(readme.replace("$acls", "kafka-acls.sh"))
+    assert least_privilege_problems(grants, "User:gateway-materializer", "deploy/README.md") == []
+    assert ("User:gateway", "Read", "topic", "blacklist.ranges") in grants
+    assert ("User:gateway-ctl", "Write", "topic", "blacklist.commands") in grants
+    assert not [g for g in grants if g[0] == "User:gateway" and g[2] == "group"]  # followers use no group
+
+
+def test_compose_grants_the_same_least_privilege() -> None:
+    script = load_compose()["services"]["topics"]["command"][-1]
+    grants = acl_grants(script.replace("$$a", "kafka-acls.sh").replace("$a", "kafka-acls.sh"))
+    assert least_privilege_problems(grants, "User:materializer", "compose") == []
+    principals = {p for p, *_ in grants}
+    env = {inv.subcommand: inv.env["GATEWAY_KAFKA_SASL_USERNAME"] for inv in compose_invocations(load_compose()).values()
+           if inv.subcommand in ("serve", "materialize")}
+    assert {f"User:{u}" for u in env.values()} <= principals
+
+
+def test_acl_checker_finds_a_second_writer_of_the_view() -> None:
+    text = ("kafka-acls.sh --add --allow-principal User:gateway --operation Write --topic blacklist.ranges\n"
+            "kafka-acls.sh --add --allow-principal User:m --operation Read --operation Write \\\n  --topic blacklist.ranges\n")
+    assert any("writable by ['User:gateway', 'User:m']" in p for p in least_privilege_problems(acl_grants(text), "User:m", "x"))
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="openssl not installed")
+async def test_dev_secrets_give_a_broker_certificate_the_gateway_trusts(tmp_path: Path) -> None:
+    """make-dev-secrets.sh, then a real TLS handshake on loopback: a server with its broker.pem,
+    the gateway's own TLS context (clients.ssl_context) with its ca.crt, verifying the name `kafka`."""
+    import asyncio
+    import ssl
+
+    from gateway.kafka.clients import ssl_context
+    from gateway.kafka.config import KafkaConfig
+
+    run = subprocess.run(["sh", str(DEPLOY / "kafka" / "make-dev-secrets.sh"), str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(str(tmp_path / "broker.pem"))
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = ssl_context(KafkaConfig("kafka:9093", security_protocol="SSL", ssl_cafile=str(tmp_path / "ca.crt")))
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="kafka"), 10)
+        writer.close()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="kafka.evil"), 10)
+    finally:
+        server.close()
+        await server.wait_closed()
+    jaas = (tmp_path / "kafka_server_jaas.conf").read_text()
+    for principal in ("admin", "gateway", "materializer", "ctl"):
+        assert f'user_{principal}="{(tmp_path / f"{principal}.password").read_text().strip()}"' in jaas

@@ -271,6 +271,7 @@ async def status(request: web.Request) -> web.Response:
         "log_id": state.log_id,
         "writer_claim": state.claim_offset,
         "static": state.static,
+        "kafka_problem": state.kafka_problem,
         "commands_topic": request.app[CONFIG].kafka.commands_topic,
         "ranges_topic": request.app[CONFIG].kafka.ranges_topic,
     }

@@ -106,7 +106,7 @@ class CommandIndex:
 
     async def _reader(self) -> AIOKafkaConsumer:
         if self._consumer is None:
-            consumer = log_reader(self.kafka.bootstrap, "gateway-admin-commandlog")
+            consumer = log_reader(self.kafka, "gateway-admin-commandlog")
             try:
                 await consumer.start()
             except BaseException:

@@ -116,6 +116,10 @@ class Metrics:
                             registry=r, multiprocess_mode="livemax")
         self.stale = Counter("gateway_stale_records", "View records of a fenced writer skipped, by reader process.",
                              ["reader"], registry=r)
+        self.kafka_failing = Gauge("gateway_kafka_connection_failing",
+                                   "1 while this process cannot use the broker and retries (unreachable, untrusted"
+                                   " certificate, refused login: /admin/status or the log says which).",
+                                   registry=r, multiprocess_mode="livemax")
 
 
 def add_buckets(histogram: Histogram, counts: list[int], total: float) -> None:
@@ -166,6 +170,7 @@ class ViewState:
     static: str | None = None  # why the view is held static on a reset or foreign log
     log_id: str | None = None
     claim_offset: int | None = None
+    kafka_problem: str | None = None  # why the broker cannot be used now (the follower retries)
 
 
 def view_state(follower: Any, baseline: float | None = None) -> ViewState:
@@ -197,6 +202,7 @@ def view_state(follower: Any, baseline: float | None = None) -> ViewState:
         static=getattr(follower, "static", None),
         log_id=getattr(follower, "log_id", None),
         claim_offset=claim.offset if (claim := getattr(follower, "claim", None)) is not None else None,
+        kafka_problem=getattr(follower, "kafka_problem", None),
     )
 
 
@@ -254,6 +260,7 @@ class Flusher:
         if state.unenforced_commands is not None:
             m.unenforced.set(state.unenforced_commands)
         m.static.set(1 if state.static is not None else 0)
+        m.kafka_failing.set(1 if state.kafka_problem is not None else 0)
         if state.stale > self._stale:
             m.stale.labels(self.reader).inc(state.stale - self._stale)
             self._stale = state.stale
@@ -329,6 +336,7 @@ async def serve_poison_metrics(host: str, port: int, source: Any, reader: str) -
                     registry=r)
     fenced = Counter("gateway_materializer_fenced", "Times this writer saw a newer claim and stopped writing.",
                      registry=r)
+    failing = metrics.kafka_failing
     seen = 0
     fenced_seen = 0
 
@@ -343,6 +351,7 @@ async def serve_poison_metrics(host: str, port: int, source: Any, reader: str) -
             if getattr(source, "backlog", None) is not None:
                 backlog.set(source.backlog)
             refused.set(1 if getattr(source, "refused", None) else 0)
+            failing.set(1 if getattr(source, "kafka_problem", None) else 0)
             if getattr(source, "fenced", 0) > fenced_seen:
                 fenced.inc(source.fenced - fenced_seen)
                 fenced_seen = source.fenced

@@ -307,6 +307,10 @@ _DOCUMENT: dict[str, Any] = {
                     "static": {"type": "string", "nullable": True,
                                "description": "Why this gateway holds its view static on a reset or foreign log "
                                               "(null: it follows the log). POST /admin/adopt to adopt the new log."},
+                    "kafka_problem": {"type": "string", "nullable": True,
+                                      "description": "Why the broker cannot be used now, in one line (unreachable, "
+                                                     "untrusted certificate, refused credentials); the gateway retries "
+                                                     "and serves its last view meanwhile. Null when connected."},
                     "workers": {"type": "array", "items": {"type": "object", "properties": {
                         "worker": {"type": "integer"}, "ready": {"type": "boolean"},
                         "applied_command": {"type": "integer"}}}},

@@ -67,7 +67,7 @@ class _Counter:
 async def read_view(kafka: KafkaConfig) -> ViewLoader:
     """The view topic read to its end by the reader rules."""
     loader = ViewLoader(_Counter())
-    reader = log_reader(kafka.bootstrap, "gateway-verify")
+    reader = log_reader(kafka, "gateway-verify")
     await reader.start()
     try:
         partitions = await partitions_of(reader, kafka.ranges_topic)

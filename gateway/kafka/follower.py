@@ -35,6 +35,7 @@ from aiokafka.errors import OffsetOutOfRangeError
 
 from ..blacklist.index import Index
 from ..blacklist.ranges import RangeSet
+from .clients import KafkaAccessError
 from .config import KafkaConfig
 from .topics import (
     ensure_topics,
@@ -99,6 +100,7 @@ class Follower:
             claim = Claim.parse(int(claim["offset"]), json.dumps(dict(claim)).encode())
         self.log_id = claim.log_id if claim is not None else None  # the log this view was read from
         self.static: str | None = None  # why this follower holds its view static, or None
+        self.kafka_problem: str | None = None  # why the broker cannot be used now (retrying), or None
         self.signatures: dict[int, Signature] = dict(signatures or {})
         self.rules = ViewRules(self, claim)
         self._stale_before = 0  # stale records counted by earlier rules (before a bootstrap)
@@ -187,6 +189,10 @@ class Follower:
                     await self._session()
             except asyncio.CancelledError:
                 raise
+            except KafkaAccessError as exc:  # one line naming the cause, also in status and metrics
+                self.kafka_problem = str(exc)
+                log.warning("follower: %s; reconnecting in 1 s (serving the last view)", exc)
+                await self._sleep(1.0)
             except Exception as exc:  # noqa: BLE001 - the follower must outlive any broker trouble
                 log.warning("follower: %r; reconnecting in 1 s (serving the last view)", exc)
                 await self._sleep(1.0)
@@ -203,9 +209,10 @@ class Follower:
         if self._create_topics:
             await ensure_topics(self.kafka)
             self._create_topics = False
-        consumer = log_reader(self.kafka.bootstrap, "gateway-follower", fetch_max_wait_ms=self._fetch_max_wait_ms,
+        consumer = log_reader(self.kafka, "gateway-follower", fetch_max_wait_ms=self._fetch_max_wait_ms,
                               reset="none")
         await consumer.start()
+        self.kafka_problem = None
         status = None
         try:
             partitions = await partitions_of(consumer, self.kafka.ranges_topic)
@@ -307,7 +314,7 @@ class Follower:
 
     async def _hold_static(self) -> None:
         """Keep the view; look at the log now there until it is a deliberate new log or an operator says adopt."""
-        reader = log_reader(self.kafka.bootstrap, "gateway-follower-static")
+        reader = log_reader(self.kafka, "gateway-follower-static")
         await reader.start()
         try:
             partitions = await partitions_of(reader, self.kafka.ranges_topic)
@@ -402,7 +409,7 @@ class Follower:
         """Refresh end offsets (lag, unenforced commands) and the time of last contact; a frozen broker
         just stops answering. A position past the end or before the start is checked: fail static."""
         commands = TopicPartition(self.kafka.commands_topic, 0)
-        probe = log_reader(self.kafka.bootstrap, "gateway-follower-status")
+        probe = log_reader(self.kafka, "gateway-follower-status")
         await probe.start()
         try:
             while True:

@@ -56,7 +56,7 @@ async def replay(kafka: KafkaConfig, *, offset: int | None = None, until: dateti
             result.view.apply(command)
             result.commands += 1
 
-    consumer = log_reader(kafka.bootstrap, "gateway-replay")
+    consumer = log_reader(kafka, "gateway-replay")
     try:  # stopped even when start fails: a broker error must not leave an unclosed consumer behind
         await consumer.start()
         await partitions_of(consumer, kafka.commands_topic)  # a missing log is an error, never an empty history

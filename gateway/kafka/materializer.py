@@ -46,6 +46,7 @@ from aiokafka.errors import KafkaError
 from ..blacklist.addresses import format_address
 from ..blacklist.commands import Command, CommandError, parse_command
 from ..blacklist.ranges import RangeSet, Record
+from . import clients
 from .config import KafkaConfig
 from .history import replay
 from .publisher import BatchWriter
@@ -53,7 +54,6 @@ from .topics import (
     command_in,
     ensure_topics,
     log_reader,
-    no_auto_create,
     partitions_of,
     read_to_end,
     true_end,
@@ -207,16 +207,14 @@ class Materializer(ConsumerRebalanceListener):
     async def run(self) -> None:
         """Run until stop(): stand by, take over when given the command partition, fold commands."""
         await ensure_topics(self.kafka)
-        producer = no_auto_create(AIOKafkaProducer(
-            bootstrap_servers=self.kafka.bootstrap,
-            client_id="gateway-materializer",
+        producer = clients.producer(
+            self.kafka, "gateway-materializer",
             acks="all",
             linger_ms=0,  # records go in whole batches (BatchWriter); nothing to wait for
             max_batch_size=32 << 10,  # a few hundred records: the view grows while a batch is folded
-        ))
-        consumer = no_auto_create(AIOKafkaConsumer(
-            bootstrap_servers=self.kafka.bootstrap,
-            client_id="gateway-materializer",
+        )
+        consumer = clients.consumer(
+            self.kafka, "gateway-materializer",
             group_id=self.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -226,7 +224,7 @@ class Materializer(ConsumerRebalanceListener):
             heartbeat_interval_ms=max(100, self.session_timeout_ms // 6),
             fetch_max_wait_ms=10,  # propagation: Tansu holds an empty fetch for the whole wait
             max_partition_fetch_bytes=4 << 20,
-        ))
+        )
         await producer.start()
         try:
             await consumer.start()
@@ -280,7 +278,7 @@ class Materializer(ConsumerRebalanceListener):
         """Become the writer: read the view, check it, claim, read up to the claim, repair, seek the commands."""
         started = time.monotonic()
         await ensure_topics(self.kafka)  # a reset broker lost them: made as the design needs, never auto-created
-        reader = log_reader(self.kafka.bootstrap, "gateway-materializer-recovery", fetch_max_wait_ms=20)
+        reader = log_reader(self.kafka, "gateway-materializer-recovery", fetch_max_wait_ms=20)
         await reader.start()
         try:
             loader = await self._read_view(reader)
@@ -339,7 +337,7 @@ class Materializer(ConsumerRebalanceListener):
             await reader.stop()
             raise
         for tp in (self._ranges, self._commands):  # one each: a fetch never waits behind the other's
-            self._probes[tp] = probe = log_reader(self.kafka.bootstrap, "gateway-materializer-probe", fetch_max_wait_ms=10)
+            self._probes[tp] = probe = log_reader(self.kafka, "gateway-materializer-probe", fetch_max_wait_ms=10)
             await probe.start()
             probe.assign([tp])
             probe.pause(tp)

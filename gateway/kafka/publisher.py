@@ -24,8 +24,9 @@ from ..blacklist.commands import (
     parse_command,
     parse_network,
 )
+from . import clients
 from .config import KafkaConfig
-from .topics import ensure_topics, no_auto_create
+from .topics import ensure_topics
 
 MAX_REPORTED_ERRORS = 20
 START_TIMEOUT_S = 10.0  # LazyPublisher: how long the first use waits for the broker
@@ -134,13 +135,12 @@ class Publisher:
     def __init__(self, kafka: KafkaConfig, *, create_topics: bool = True) -> None:
         self.kafka = kafka
         self._create_topics = create_topics
-        self._producer = no_auto_create(AIOKafkaProducer(
-            bootstrap_servers=kafka.bootstrap,
-            client_id="gateway-publisher",
+        self._producer = clients.producer(
+            kafka, "gateway-publisher",
             acks="all",
             linger_ms=0,  # single commands go at once; bulk sends build whole batches (BatchWriter)
             max_batch_size=1 << 20,
-        ))
+        )
 
     async def start(self) -> None:
         if self._create_topics:  # first: a producer's metadata request could auto-create it wrongly

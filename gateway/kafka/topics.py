@@ -8,74 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import types
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol, TypeVar
+from typing import Protocol
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from ..blacklist.commands import Command, CommandError, parse_command
+
+# log_reader and no_auto_create live in clients.py; re-exported: the readers import them from here.
+from .clients import admin_client
+from .clients import log_reader as log_reader
+from .clients import no_auto_create as no_auto_create
 from .config import KafkaConfig
-
-
-def _metadata_update_without_auto_create():
-    """aiokafka's AIOKafkaClient._metadata_update, asking with allow_auto_topic_creation=false."""
-    import aiokafka.client
-    from aiokafka.protocol.metadata import MetadataRequest
-
-    class NoAutoCreate(MetadataRequest):
-        def __init__(self, topics=None, allow_auto_topic_creation=False):
-            super().__init__(topics, allow_auto_topic_creation)
-
-    method = aiokafka.client.AIOKafkaClient._metadata_update
-    names = {**method.__globals__, "MetadataRequest": NoAutoCreate}
-    return types.FunctionType(method.__code__, names, method.__name__, method.__defaults__, method.__closure__)
-
-
-_METADATA_UPDATE = _metadata_update_without_auto_create()
-
-Client = TypeVar("Client", AIOKafkaConsumer, AIOKafkaProducer)
-
-
-def no_auto_create(client: Client) -> Client:
-    """Make a client's metadata requests never create a topic (DESIGN invariant 7, issue 10).
-
-    aiokafka asks with allow_auto_topic_creation=true; a broker that honours it (Tansu, Kafka with
-    auto.create.topics.enable) recreated a reset commands topic with its defaults (4 partitions) the
-    moment the materializer's subscription refreshed its metadata. Topics are made by ensure_topics
-    only; a missing topic is an error the reader reports and retries. Every client this package
-    makes goes through here; other clients in the process keep aiokafka's behaviour.
-    """
-    # aiokafka has no option for it: rebind the one method that asks, on this client only.
-    inner = client.client if isinstance(client, AIOKafkaProducer) else client._client
-    inner._metadata_update = types.MethodType(_METADATA_UPDATE, inner)
-    return client
-
 
 TOPIC_ALREADY_EXISTS = 36
 DEFAULT_DELETE_RETENTION_MS = 86_400_000  # Kafka's default when the topic does not set it
 COMMANDS_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
 RANGES_CONFIG = {"cleanup.policy": "compact"}
-
-
-def log_reader(bootstrap: str, client_id: str, *, fetch_max_wait_ms: int = 50, reset: str = "earliest") -> AIOKafkaConsumer:
-    """A consumer that reads whole topics by assignment (no group, no commits), committed
-    records only, in large fetches: what bootstrapping, recovery and replay need.
-
-    `reset="none"`: a position out of the topic's range raises instead of jumping to its start
-    (a follower must notice a reset log, never read it on top of the old one)."""
-    return no_auto_create(AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        client_id=client_id,
-        enable_auto_commit=False,
-        auto_offset_reset=reset,
-        isolation_level="read_committed",
-        fetch_max_wait_ms=fetch_max_wait_ms,
-        max_partition_fetch_bytes=16 << 20,
-        fetch_max_bytes=64 << 20,
-    ))
 
 
 class TopicError(RuntimeError):
@@ -89,7 +40,7 @@ async def ensure_topics(kafka: KafkaConfig, replication_factor: int | None = Non
     Topics are created before anything asks for their metadata: brokers that auto-create topics
     on a metadata request (Tansu, Kafka by default) would otherwise make them with defaults.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, client_id="gateway-topics")
+    admin = admin_client(kafka)
     await admin.start()
     try:
         if kafka.create_topics:
@@ -122,7 +73,7 @@ async def ensure_topics(kafka: KafkaConfig, replication_factor: int | None = Non
 
 async def delete_retention_ms(kafka: KafkaConfig) -> int:
     """How long the view topic keeps tombstones (how old a snapshot may be and still be trusted)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, client_id="gateway-topics")
+    admin = admin_client(kafka)
     await admin.start()
     try:
         resource = ConfigResource(ConfigResourceType.TOPIC, kafka.ranges_topic)  # Tansu drops a filtered request
