@@ -24,6 +24,21 @@ _OUTCOMES = ("forwarded", "blocked", "timeout", "upstream_error", "shed", "not_r
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"))
 
 
+def peer_address(address: str) -> str:
+    """A socket peer address as the index and the trusted-proxy check want it.
+
+    Every engine and the aiohttp middleware call this, so they judge one client alike: an
+    IPv4-mapped peer (`::ffff:a.b.c.d`, from a dual-stack listener) is its IPv4 address (the
+    IPv4 trie holds its ranges), and a link-local zone id (`fe80::1%eth0`) names our
+    interface, not the client, so it is dropped. IPv4 text passes with one test.
+    """
+    if ":" in address:
+        address = address.partition("%")[0]
+        if address.startswith("::ffff:") and "." in address:
+            address = address[7:]
+    return address
+
+
 class View(Protocol):
     """What the core needs of the follower: the lookup index and readiness."""
 
