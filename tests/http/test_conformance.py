@@ -16,6 +16,7 @@ The peer (127.0.0.1) is a trusted proxy; 192.0.2.0/24 is blacklisted; the body l
 from __future__ import annotations
 
 import asyncio
+import gzip
 import re
 import shutil
 import socket
@@ -45,6 +46,7 @@ def up(head: str, body: bytes = b"") -> bytes:
 
 
 XFF = "X-Forwarded-For: 127.0.0.1\r\n"
+GZIPPED = gzip.compress(b"ab", mtime=0)  # 22 bytes
 
 
 @dataclass
@@ -149,6 +151,10 @@ CASES = [
          [], canned(413, "Request Entity Too Large"), closes=True),
     Case("POST with Content-Length: 0", b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n",
          [up(f"POST / HTTP/1.1\r\nHost: {{up}}\r\n{XFF}Content-Length: 0\r\n\r\n")], OK),
+    Case("an encoded body is forwarded as received", b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Encoding: gzip\r\n"
+         b"Content-Length: 22\r\n\r\n" + GZIPPED,
+         [up(f"POST / HTTP/1.1\r\nContent-Encoding: gzip\r\nHost: {{up}}\r\n{XFF}Content-Length: 22\r\n\r\n",
+             GZIPPED)], OK),
     Case("Connection names hop-by-hop headers", b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: X-Hop\r\nX-Hop: 1\r\n"
          b"Keep-Alive: 5\r\nTE: trailers\r\nX-Ok: 2\r\n\r\n",
          [up(f"GET / HTTP/1.1\r\nX-Ok: 2\r\nHost: {{up}}\r\n{XFF}\r\n")], OK),
