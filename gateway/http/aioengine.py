@@ -42,7 +42,7 @@ import ssl as _ssl
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from . import proxyproto
@@ -269,6 +269,9 @@ class AiohttpEngine(Core):
             self.buffered -= size
             self.stats.timeout += 1
             return _Answer(self.response(self.timeout_status)[2], False, self.timeout_status)
+        except (ConnectionError, HttpProcessingError):  # the client left, or its body is malformed
+            self.buffered -= size
+            return _Answer(b"", False, 400)  # aiohttp answers a malformed body itself, once
         except BaseException:
             self.buffered -= size
             raise

@@ -492,3 +492,17 @@ async def test_a_body_still_arriving_when_the_budget_is_spent_is_cut_off(gateway
     writer.close()
     assert data == b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
     assert proxy.stats.timeout == 1 and not bidder.seen and proxy.buffered == 0
+
+
+async def test_a_client_leaving_mid_body_is_no_error(gateway, bidder, caplog):
+    """A client that goes away while its body arrives is routine: nothing forwarded, nothing
+    logged as an error, its share of the body budget given back."""
+    caplog.set_level(logging.WARNING)
+    host, port, proxy = await gateway([bidder.url])
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)
+    await eventually(lambda: proxy.buffered == 10, what="the body to be gathered")
+    writer.transport.abort()
+    await eventually(lambda: proxy.buffered == 0, what="the budget given back")
+    assert (await exchange(host, port, get()))[0][0] == 200  # the worker serves on
+    assert not bidder.seen[:-1] and [r for r in caplog.records if r.levelno >= logging.ERROR] == []
