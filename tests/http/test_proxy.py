@@ -506,3 +506,11 @@ async def test_a_client_leaving_mid_body_is_no_error(gateway, bidder, caplog):
     await eventually(lambda: proxy.buffered == 0, what="the budget given back")
     assert (await exchange(host, port, get()))[0][0] == 200  # the worker serves on
     assert not bidder.seen[:-1] and [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_long_target_gets_414_and_a_long_header_line_431(gateway, bidder):
+    host, port, _ = await gateway([bidder.url], max_header_bytes=1024)
+    assert (await exchange(host, port, get("/" + "a" * 2000)))[0][0] == 414
+    assert (await exchange(host, port, get(headers=f"X-Line: {'l' * 2000}\r\n")))[0][0] == 431
+    assert (await exchange(host, port, get("/" + "a" * 900)))[0][0] == 200
+    assert len(bidder.seen) == 1
