@@ -234,6 +234,15 @@ def wrk(port: int, connections: int, duration: float, pids: list[int]) -> dict:
     }
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Per figure, the median over rounds (one round: that run)."""
+    out = {}
+    for key in runs[0]:
+        values = sorted(r[key] for r in runs if r[key] is not None)
+        out[key] = values[len(values) // 2] if values else None
+    return out
+
+
 # -- main -------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -242,6 +251,8 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--workers", type=int, default=1, help="gateway serve --workers")
     parser.add_argument("--prebuilt", action="store_true", help="gateway without broker: index built in-process")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="wrk runs per target and concurrency, targets taken in turn; the median is reported")
     parser.add_argument("--out", default=str(HERE / "out" / "proxy.json"))
     parser.add_argument("--role", choices=("gateway", "gw-aiohttp", "aiohttp"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -304,8 +315,13 @@ def main() -> None:
             targets[name] = (port, tree(process.pid))
         for name, (port, pids) in targets.items():
             wrk(port, 16, 1, pids)  # warm up: connections, caches
-            results[name] = {f"c{c}": wrk(port, c, args.duration, pids) for c in (1, 16, 64)}
-            print(f"  measured {name}", file=sys.stderr)
+        runs: dict[str, dict[str, list[dict]]] = {name: {f"c{c}": [] for c in (1, 16, 64)} for name in targets}
+        for round_ in range(args.rounds):  # targets in turn, round after round: drift hits all alike
+            for name, (port, pids) in targets.items():
+                for c in (1, 16, 64):
+                    runs[name][f"c{c}"].append(wrk(port, c, args.duration, pids))
+                print(f"  measured {name} (round {round_ + 1}/{args.rounds})", file=sys.stderr)
+        results = {name: {conc: median_run(rs) for conc, rs in by_conc.items()} for name, by_conc in runs.items()}
     finally:
         for process in reversed(processes):
             stop_pid(process, timeout=10)
@@ -375,7 +391,8 @@ def summarize(results: dict[str, dict], args: argparse.Namespace) -> dict:
                   "--engine aiohttp; inline = an aiohttp app answering itself behind the blacklist middleware "
                   "(index built in-process; no proxy hop); aiohttp = ClientSession proxy, one process, "
                   "uvloop; nginx = proxy_pass + geo, 1 worker, keepalive upstream. Bidder: nginx return 200. "
-                  f"wrk -t1, {args.duration} s per run; CPU = utime+stime of the proxy's processes / requests. "
+                  f"wrk -t1, {args.duration} s per run, {args.rounds} round(s) with targets in turn, medians; "
+                  "CPU = utime+stime of the proxy's processes / requests. "
                   "Added latency = p50/p99 at c=1 minus direct (noisy on a shared 2-core machine)."),
         "rows": rows,
         "targets": targets,
