@@ -100,7 +100,7 @@ class AiohttpEngine(Core):
         """
         self.draining = True
         for conn in self.server.connections:
-            if not conn._request_in_progress:
+            if not conn._request_in_progress and not conn.since:  # idle: nothing owed, nothing begun
                 conn.force_close()
         deadline = self.loop.time() + timeout_s
         while self.server.connections and self.loop.time() < deadline:

@@ -514,3 +514,23 @@ async def test_a_long_target_gets_414_and_a_long_header_line_431(gateway, bidder
     assert (await exchange(host, port, get(headers=f"X-Line: {'l' * 2000}\r\n")))[0][0] == 431
     assert (await exchange(host, port, get("/" + "a" * 900)))[0][0] == 200
     assert len(bidder.seen) == 1
+
+
+async def test_drain_lets_requests_in_flight_finish_and_closes_idle_connections(gateway):
+    async def slow(request, body):
+        await asyncio.sleep(0.3)
+        return web.Response(body=b"late:" + body)
+
+    bidder = await start_bidder(slow)
+    try:
+        host, port, proxy = await gateway([bidder.url])
+        _, idle = await asyncio.open_connection(host, port)
+        in_flight = [asyncio.create_task(exchange(host, port, get(body=b"%d" % i, method=b"POST"))) for i in range(4)]
+        await eventually(lambda: len(bidder.seen) == 4, what="four requests at the bidder")
+        assert await proxy.drain(5.0)
+        results = await asyncio.gather(*in_flight)
+        assert sorted(r[0][2] for r in results) == [b"late:%d" % i for i in range(4)]
+        assert {r[0][1].get("connection") for r in results} == {"close"}  # no keep-alive while draining
+        idle.close()
+    finally:
+        await bidder.runner.cleanup()
