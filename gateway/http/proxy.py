@@ -5,7 +5,8 @@ aiohttp's low-level server costs ~27 µs of CPU per request against ~7 µs for t
 client connection carries one request at a time and is itself the exchange the upstream
 client calls back, so a forwarded request allocates no task, future or request object.
 What to decide (client address, blacklist, readiness, shedding, resending) lives in
-decision.py; this module is HTTP/1.1 framing and bounded buffering.
+decision.py, the HTTP rules and answers it shares with the aiohttp engine (aioengine.py) in
+wire.py; this module is HTTP/1.1 framing and bounded buffering.
 
 HTTP/1.1 behaviour (README "Front door: HTTP conformance and limits" lists each choice):
 - The decision is taken when the headers are complete. A blocked (or not-ready) request
