@@ -49,7 +49,7 @@ from . import proxyproto
 from .config import ServeConfig
 from .decision import IDEMPOTENT, Core, Stats, View, peer_address
 from .proxy import ACCESS
-from .upstream import OK, STALE, TIMEOUT, Upstream, UpstreamConnection
+from .upstream import OK, TIMEOUT, Upstream, UpstreamConnection
 from .wire import (
     CLOSE,
     CONTINUE,
@@ -339,7 +339,7 @@ class _Forward:
     def upstream_response(self, status: int, headers: bytes, body: bytes | None) -> None:
         engine = self.engine
         now = engine.loop.time()
-        self._end(OK, now)
+        engine.end(self, OK, now)
         engine.stats.forwarded += 1
         engine.stats.latency.observe(now - self.t0)
         engine.stats.upstream_latency.observe(now - self.sent)
@@ -349,20 +349,9 @@ class _Forward:
     def upstream_error(self, failure: int) -> None:
         engine = self.engine
         now = engine.loop.time()
-        pool = engine.pool
-        if now < self.deadline and self.attempts < engine.max_attempts and engine.resendable(failure, self.idempotent):
-            previous = self.upstream
-            pool.done(previous, failure, now)
-            upstream = pool.pick(now)
-            if failure == STALE or upstream is not previous:  # send it again
-                self.attempts += 1
-                self.upstream = upstream
-                self.upstream_conn = None
-                self.sent = now
-                pool.send(upstream, self, now, fresh=failure == STALE)
-                return
-            self.upstream = None  # accounted above; nowhere else to try
-        self._end(failure, now)
+        if engine.resend(self, failure, now):
+            return
+        engine.end(self, failure, now)
         engine.stats.upstream_error += 1
         engine.stats.latency.observe(now - self.t0)
         if not self.future.done():
@@ -375,23 +364,11 @@ class _Forward:
             conn.abandon()
         engine = self.engine
         now = engine.loop.time()
-        self._end(TIMEOUT, now)
+        engine.end(self, TIMEOUT, now)
         engine.stats.timeout += 1
         engine.stats.latency.observe(now - self.t0)
         if not self.future.done():
             self.future.set_result((engine.timeout_status, b"", _ERROR))
-
-    def _end(self, outcome: int, now: float) -> None:
-        self.seq += 1  # a connect still in progress now parks its connection
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        engine = self.engine
-        engine.in_flight -= 1
-        if self.upstream is not None:
-            engine.pool.done(self.upstream, outcome, now)
-        self.upstream = None
-        self.upstream_conn = None
 
 
 class _Answer:

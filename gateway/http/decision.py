@@ -156,6 +156,40 @@ class Core:
             return 503
         return 0
 
+    def resend(self, exchange: Any, failure: int, now: float) -> bool:
+        """After a failed attempt: send the request again while time is left, another attempt is
+        allowed and `resendable` says it may (another upstream, or a fresh connection after a
+        stale one). True when it went again; else the engine ends it with the error status.
+        `exchange` is an engine's forwarded request (upstream.Exchange plus the fields here)."""
+        if now < exchange.deadline and exchange.attempts < self.max_attempts and self.resendable(
+                failure, exchange.idempotent):
+            pool = self.pool
+            previous = exchange.upstream
+            pool.done(previous, failure, now)
+            upstream = pool.pick(now)
+            if failure == STALE or upstream is not previous:
+                exchange.attempts += 1
+                exchange.upstream = upstream
+                exchange.upstream_conn = None
+                exchange.sent = now
+                pool.send(upstream, exchange, now, fresh=failure == STALE)
+                return True
+            exchange.upstream = None  # accounted above; nowhere else to try
+        return False
+
+    def end(self, exchange: Any, outcome: int, now: float) -> None:
+        """Close the books on a forwarded request, whatever its outcome: its deadline timer,
+        the in-flight count and the upstream's health (upstream.Pool.done)."""
+        exchange.seq += 1  # a connect still in progress now parks its connection
+        if exchange.timer is not None:
+            exchange.timer.cancel()
+            exchange.timer = None
+        self.in_flight -= 1
+        if exchange.upstream is not None:
+            self.pool.done(exchange.upstream, outcome, now)
+        exchange.upstream = None
+        exchange.upstream_conn = None
+
     def resendable(self, failure: int, idempotent: bool) -> bool:
         """Whether a failed attempt may be sent again: only if it provably never reached the
         upstream (connect failed), or the method is idempotent and the reused keep-alive

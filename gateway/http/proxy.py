@@ -47,7 +47,7 @@ import httptools
 from . import proxyproto
 from .config import ServeConfig
 from .decision import IDEMPOTENT, Core, LatencyHistogram, Stats, View, peer_address
-from .upstream import OK, STALE, TIMEOUT, Upstream, UpstreamConnection
+from .upstream import OK, TIMEOUT, Upstream, UpstreamConnection
 from .wire import CLOSE as _CLOSE
 from .wire import CONTINUE as _CONTINUE
 from .wire import KEEP_ALIVE as _KEEP_ALIVE
@@ -467,7 +467,7 @@ class HttpConnection(asyncio.Protocol):
 
     def upstream_response(self, status: int, headers: bytes, body: bytes | None) -> None:
         now = self.loop.time()
-        self._end(OK, now)
+        self.proxy.end(self, OK, now)
         proxy = self.proxy
         proxy.stats.forwarded += 1
         proxy.stats.latency.observe(now - self.t0)
@@ -480,20 +480,9 @@ class HttpConnection(asyncio.Protocol):
     def upstream_error(self, failure: int) -> None:
         now = self.loop.time()
         proxy = self.proxy
-        pool = proxy.pool
-        if now < self.deadline and self.attempts < proxy.max_attempts and proxy.resendable(failure, self.idempotent):
-            previous = self.upstream
-            pool.done(previous, failure, now)
-            upstream = pool.pick(now)
-            if failure == STALE or upstream is not previous:  # send it again
-                self.attempts += 1
-                self.upstream = upstream
-                self.upstream_conn = None
-                self.sent = now
-                pool.send(upstream, self, now, fresh=failure == STALE)
-                return
-            self.upstream = None  # accounted above; nowhere else to try
-        self._end(failure, now)
+        if proxy.resend(self, failure, now):
+            return
+        proxy.end(self, failure, now)
         proxy.stats.upstream_error += 1
         proxy.stats.latency.observe(now - self.t0)
         self.answer(proxy.error_status)
@@ -504,23 +493,11 @@ class HttpConnection(asyncio.Protocol):
         if conn is not None:
             conn.abandon()
         now = self.loop.time()
-        self._end(TIMEOUT, now)
+        self.proxy.end(self, TIMEOUT, now)
         proxy = self.proxy
         proxy.stats.timeout += 1
         proxy.stats.latency.observe(now - self.t0)
         self.answer(proxy.timeout_status)
-
-    def _end(self, outcome: int, now: float) -> None:
-        """Close the books on the forwarded request, whatever its outcome."""
-        self.seq += 1  # a connect still in progress now parks its connection
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.proxy.in_flight -= 1
-        if self.upstream is not None:
-            self.proxy.pool.done(self.upstream, outcome, now)
-        self.upstream = None
-        self.upstream_conn = None
 
     # -- answers ------------------------------------------------------------------------
     def answer(self, status: int) -> None:
