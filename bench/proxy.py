@@ -1,10 +1,13 @@
-"""Request-path benchmark: direct vs this gateway vs a minimal aiohttp proxy vs nginx.
+"""Request-path benchmark: direct vs the gateway's two engines vs a minimal aiohttp proxy vs nginx.
 
 One run, loopback only, bounded durations. An nginx bidder stub answers 200; wrk drives
-each target at c=16 and c=64 (throughput) and c=1 (added latency). The gateway, the
-aiohttp proxy and nginx all hold the same blacklist of N IPv4 ranges (none covering
-loopback, so every request is looked up and forwarded). CPU per request is read from
-/proc/<pid>/stat (utime + stime of the proxy's processes) around each wrk run.
+each target at c=16 and c=64 (throughput) and c=1 (added latency). Targets: `direct` (the
+bidder), `gateway` (the fast engine), `gw-aiohttp` (the aiohttp engine, `--engine
+aiohttp`), `inline` (an aiohttp bidder app filtering with gateway.http.middleware: no
+proxy hop, it answers itself), `aiohttp` (the minimal ClientSession proxy) and `nginx`.
+All hold the same blacklist of N IPv4 ranges (none covering loopback, so every request is
+looked up and forwarded). CPU per request is read from /proc/<pid>/stat (utime + stime of
+the target's processes) around each wrk run.
 
     .venv/bin/python bench/proxy.py [--ranges 100000] [--duration 5] [--workers 1] [--prebuilt]
 
@@ -35,6 +38,8 @@ from gateway.broker import stop_pid
 
 HERE = Path(__file__).resolve().parent
 TICKS = os.sysconf("SC_CLK_TCK")
+TARGETS = ("direct", "gateway", "gw-aiohttp", "inline", "aiohttp", "nginx")
+ENGINES = {"gateway": "fast", "gw-aiohttp": "aiohttp"}  # target -> gateway serve --engine
 
 
 # -- the ranges ---------------------------------------------------------------------------
@@ -91,12 +96,12 @@ def wait_view(admin_port: int, token: str, count: int, timeout: float = 180.0) -
     raise RuntimeError("the gateway did not get the whole blacklist in time")
 
 
-def role_gateway(port: int, upstream: str, count: int) -> None:
+def role_gateway(port: int, upstream: str, count: int, engine: str = "fast") -> None:
     import uvloop
 
     from gateway.blacklist.index import Index
     from gateway.http.config import ServeConfig
-    from gateway.http.proxy import Proxy
+    from gateway.http.engines import engine_class
     from gateway.kafka.config import KafkaConfig
 
     class View:
@@ -104,8 +109,9 @@ def role_gateway(port: int, upstream: str, count: int) -> None:
         index = Index.build((4, s, e) for s, e in blacklist(count))
 
     async def main() -> None:
-        config = ServeConfig(kafka=KafkaConfig("unused:0"), upstreams=(upstream,), listen=("127.0.0.1", port))
-        proxy = Proxy(config, View())
+        config = ServeConfig(kafka=KafkaConfig("unused:0"), upstreams=(upstream,), listen=("127.0.0.1", port),
+                             engine=engine)
+        proxy = engine_class(engine)(config, View())
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))
@@ -329,6 +335,15 @@ def https_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Per figure, the median over rounds (one round: that run)."""
+    out = {}
+    for key in runs[0]:
+        values = sorted(r[key] for r in runs if r[key] is not None)
+        out[key] = values[len(values) // 2] if values else None
+    return out
+
+
 # -- main -------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -338,11 +353,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="gateway serve --workers")
     parser.add_argument("--prebuilt", action="store_true", help="gateway without broker: index built in-process")
     parser.add_argument("--no-https", action="store_true", help="skip the HTTPS rows (gateway and nginx over TLS)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="wrk runs per target and concurrency, targets taken in turn; the median is reported")
     parser.add_argument("--out", default=str(HERE / "out" / "proxy.json"))
-    parser.add_argument("--role", choices=("gateway", "aiohttp"), help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=("gateway", "gw-aiohttp", "aiohttp"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.role == "gw-aiohttp":
+        role_gateway(args.port, args.upstream, args.ranges, engine="aiohttp")
+        return
     if args.role:
         {"gateway": role_gateway, "aiohttp": role_aiohttp}[args.role](args.port, args.upstream, args.ranges)
         return
@@ -364,26 +384,31 @@ def main() -> None:
         processes.append(bidder)
         wait_http(bidder_port)
         targets = {"direct": (bidder_port, [])}
-        for name in ("gateway", "aiohttp", "nginx"):
+        for name in TARGETS[1:]:
             port = free_port()
             if name == "nginx":
                 conf = render("proxy.conf", dir=workdir, port=port, upstream_port=bidder_port)
                 process = start_nginx(workdir, "proxy", conf)
-            elif name == "gateway" and not args.prebuilt:
+            elif name in ENGINES and not args.prebuilt:
                 from gateway.broker import start_broker
 
-                broker = start_broker()
                 gw = [sys.executable, "-m", "gateway"]
-                processes.append(subprocess.Popen([*gw, "materialize", "--kafka", broker.bootstrap]))
                 started = time.monotonic()
-                asyncio.run(publish_blacklist(broker.bootstrap, ranges))
+                if broker is None:
+                    broker = start_broker()
+                    processes.append(subprocess.Popen([*gw, "materialize", "--kafka", broker.bootstrap]))
+                    asyncio.run(publish_blacklist(broker.bootstrap, ranges))
                 admin_port, token = free_port(), "bench"
                 process = subprocess.Popen([*gw, "serve", "--kafka", broker.bootstrap, "--upstream", upstream,
                                             "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin_port}",
-                                            "--admin-token", token, "--workers", str(args.workers)])
+                                            "--admin-token", token, "--workers", str(args.workers),
+                                            "--engine", ENGINES[name]])
                 processes.append(process)
                 wait_view(admin_port, token, len(ranges))
-                print(f"  gateway holds {len(ranges)} ranges ({time.monotonic() - started:.1f} s)", file=sys.stderr)
+                print(f"  {name} holds {len(ranges)} ranges ({time.monotonic() - started:.1f} s)", file=sys.stderr)
+            elif name == "inline":  # bench/inline.py's app with the middleware, index built in-process
+                process = subprocess.Popen([sys.executable, str(HERE / "inline.py"), "--role", "middleware",
+                                            "--port", str(port), "--kafka", "unused:9", "--ranges", str(args.ranges)])
             else:
                 process = subprocess.Popen([sys.executable, __file__, "--role", name, "--port", str(port),
                                             "--upstream", upstream, "--ranges", str(args.ranges)])
@@ -393,8 +418,13 @@ def main() -> None:
             targets[name] = (port, tree(process.pid))
         for name, (port, pids) in targets.items():
             wrk(port, 16, 1, pids)  # warm up: connections, caches
-            results[name] = {f"c{c}": wrk(port, c, args.duration, pids) for c in (1, 16, 64)}
-            print(f"  measured {name}", file=sys.stderr)
+        runs: dict[str, dict[str, list[dict]]] = {name: {f"c{c}": [] for c in (1, 16, 64)} for name in targets}
+        for round_ in range(args.rounds):  # targets in turn, round after round: drift hits all alike
+            for name, (port, pids) in targets.items():
+                for c in (1, 16, 64):
+                    runs[name][f"c{c}"].append(wrk(port, c, args.duration, pids))
+                print(f"  measured {name} (round {round_ + 1}/{args.rounds})", file=sys.stderr)
+        results = {name: {conc: median_run(rs) for conc, rs in by_conc.items()} for name, by_conc in runs.items()}
         if not args.no_https:
             https, https_tls = https_rows(args, workdir, ranges, bidder_port, broker, processes)
             results.update(https)
@@ -418,19 +448,25 @@ def main() -> None:
 
 def summarize(results: dict[str, dict], args: argparse.Namespace) -> dict:
     """The report in bench/run_all.py's shape (title, rows, targets, notes) plus the details."""
-    gw, aio, ngx, direct = (results[k] for k in ("gateway", "aiohttp", "nginx", "direct"))
+    gw, gwa, aio, ngx, direct = (results[k] for k in ("gateway", "gw-aiohttp", "aiohttp", "nginx", "direct"))
     ratios = {
         f"c{c}": {
             "gateway_vs_aiohttp": round(gw[f"c{c}"]["rps"] / aio[f"c{c}"]["rps"], 2),
             "gateway_vs_nginx": round(gw[f"c{c}"]["rps"] / ngx[f"c{c}"]["rps"], 2),
+            "gw-aiohttp_vs_aiohttp": round(gwa[f"c{c}"]["rps"] / aio[f"c{c}"]["rps"], 2),
+            "gw-aiohttp_vs_gateway": round(gwa[f"c{c}"]["rps"] / gw[f"c{c}"]["rps"], 2),
+            "gw-aiohttp_vs_nginx": round(gwa[f"c{c}"]["rps"] / ngx[f"c{c}"]["rps"], 2),
         }
         for c in (16, 64)
     }
     added = {
         name: {"p50_us": results[name]["c1"]["p50_us"] - direct["c1"]["p50_us"],
                "p99_us": results[name]["c1"]["p99_us"] - direct["c1"]["p99_us"]}
-        for name in ("gateway", "aiohttp", "nginx")
+        for name in TARGETS[1:]
     }
+    cpu_aio = max(gwa[c]["cpu_us_per_req"] for c in ("c16", "c64"))
+    worst_aio_engine = min(r["gw-aiohttp_vs_aiohttp"] for r in ratios.values())
+    cpu_ratio = min(aio[c]["cpu_us_per_req"] / gwa[c]["cpu_us_per_req"] for c in ("c16", "c64"))
     rows = [
         {"target": name, "concurrency": int(conc[1:]), "rps": r["rps"], "p50_ms": round(r["p50_us"] / 1000, 3),
          "p99_ms": round(r["p99_us"] / 1000, 3), "cpu_us_per_req": r["cpu_us_per_req"], "non_2xx": r["non_2xx"]}
@@ -449,15 +485,24 @@ def summarize(results: dict[str, dict], args: argparse.Namespace) -> dict:
          "met": added["gateway"]["p50_us"] <= 100},
         {"target": "added latency at c=1, p99 <= 300 us", "measured": f"{added['gateway']['p99_us']} us",
          "met": added["gateway"]["p99_us"] <= 300},
+        {"target": "aiohttp engine: CPU per forwarded request <= 50 us", "measured": f"{cpu_aio} us (worst of c=16, "
+         "c=64)", "met": cpu_aio <= 50},
+        {"target": "aiohttp engine: throughput >= 2.5x minimal aiohttp proxy", "measured": f"{worst_aio_engine}x "
+         "(worst)", "met": worst_aio_engine >= 2.5},
+        {"target": "aiohttp engine: CPU per request <= 1/2.5 of the minimal aiohttp proxy's",
+         "measured": f"{round(cpu_ratio, 2)}x less (worst)", "met": cpu_ratio >= 2.5},
     ]
     gateway = ("gateway serve (supervisor + %d worker, real broker and follower)" % args.workers
                if not args.prebuilt else "the Proxy alone, index built in-process")
     return {
-        "title": "Request path: gateway vs minimal aiohttp proxy vs nginx (wrk, loopback)",
+        "title": "Request path: the gateway's engines vs minimal aiohttp proxy vs nginx (wrk, loopback)",
         "notes": (f"{args.ranges} IPv4 blacklist ranges in every proxy (loopback not covered, so every request is "
-                  f"looked up and forwarded). gateway = {gateway}; aiohttp = ClientSession proxy, one process, "
+                  f"looked up and forwarded). gateway = the fast engine, {gateway}; gw-aiohttp = the same with "
+                  "--engine aiohttp; inline = an aiohttp app answering itself behind the blacklist middleware "
+                  "(index built in-process; no proxy hop); aiohttp = ClientSession proxy, one process, "
                   "uvloop; nginx = proxy_pass + geo, 1 worker, keepalive upstream. Bidder: nginx return 200. "
-                  f"wrk -t1, {args.duration} s per run; CPU = utime+stime of the proxy's processes / requests. "
+                  f"wrk -t1, {args.duration} s per run, {args.rounds} round(s) with targets in turn, medians; "
+                  "CPU = utime+stime of the proxy's processes / requests. "
                   "Added latency = p50/p99 at c=1 minus direct (noisy on a shared 2-core machine)."),
         "rows": rows,
         "targets": targets,
@@ -476,14 +521,16 @@ def _cpu_model() -> str:
 
 
 def table(report: dict) -> str:
-    lines = [f"{'target':8} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>10} {'non-2xx':>7}"]
+    lines = [f"{'target':10} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>10} {'non-2xx':>7}"]
     for r in report["rows"]:
         cpu = "-" if r["cpu_us_per_req"] is None else f"{r['cpu_us_per_req']:.1f}"
-        lines.append(f"{r['target']:8} {r['concurrency']:>4} {r['rps']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8} "
+        lines.append(f"{r['target']:10} {r['concurrency']:>4} {r['rps']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8} "
                      f"{cpu:>10} {r['non_2xx']:>7}")
     lines.append("")
     for conc, r in report["ratios"].items():
-        lines.append(f"{conc}: gateway/aiohttp = {r['gateway_vs_aiohttp']}x  gateway/nginx = {r['gateway_vs_nginx']}x")
+        lines.append(f"{conc}: gateway/aiohttp = {r['gateway_vs_aiohttp']}x  gateway/nginx = {r['gateway_vs_nginx']}x  "
+                     f"gw-aiohttp/aiohttp = {r['gw-aiohttp_vs_aiohttp']}x  gw-aiohttp/gateway = "
+                     f"{r['gw-aiohttp_vs_gateway']}x  gw-aiohttp/nginx = {r['gw-aiohttp_vs_nginx']}x")
     for name, a in report["added_latency_c1_us"].items():
         lines.append(f"added latency at c=1, {name}: p50 {a['p50_us']:+} us, p99 {a['p99_us']:+} us")
     for t in report["targets"]:

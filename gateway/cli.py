@@ -27,6 +27,8 @@ from typing import Any
 import click
 
 from .http.config import ServeConfig
+from .http.engines import DEFAULT as DEFAULT_ENGINE
+from .http.engines import ENGINES
 from .kafka.config import (
     DEFAULT_COMMANDS_TOPIC,
     DEFAULT_RANGES_TOPIC,
@@ -338,6 +340,8 @@ def cli() -> None:
         help="Connections from --trusted-proxy peers start with a PROXY protocol v1/v2 header (required from them).")
 @option("--retry-non-idempotent", is_flag=True,
         help="Resend a POST whose reused upstream connection died before answering (it may run twice).")
+@option("--engine", type=click.Choice(ENGINES), default=DEFAULT_ENGINE, show_default=True,
+        help="Front door: fast (httptools protocol) or aiohttp (aiohttp's low-level server); same rules.")
 @option("--access-log", is_flag=True, help="Log every request.")
 @option("--json-logs", is_flag=True, help="Log JSON lines.")
 @tls_options

@@ -39,7 +39,8 @@ from .control.logs import setup_logging
 from .control.metrics import Flusher, Metrics, multiprocess_dir, worker_exited
 from .control.progress import WorkerProgress
 from .http.config import ServeConfig
-from .http.proxy import ACCESS, Proxy, Stats
+from .http.engines import make_engine
+from .http.proxy import ACCESS, Stats
 from .http.tls import Reloadable, TlsError, TlsFiles
 from .kafka.follower import Follower
 from .kafka.publisher import LazyPublisher
@@ -289,7 +290,7 @@ async def serve_worker(slot: int, config: ServeConfig, sock: socket.socket,
         raise SystemExit(1) from None
     follower, baseline = start_follower(config)
     stats = Stats()
-    proxy = Proxy(config, follower, stats)
+    proxy = make_engine(config, follower, stats)
     tasks = [
         asyncio.create_task(follower.run()),
         asyncio.create_task(Flusher(Metrics(), stats, follower, baseline=baseline).run()),

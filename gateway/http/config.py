@@ -33,6 +33,7 @@ class ServeConfig:
     max_connections: int = 4096  # per worker; more are closed at accept (nginx worker_connections)
     max_buffered_bytes: int = 64 << 20  # per worker: request bodies being gathered, all connections
     max_response_header_bytes: int = 16 << 10  # upstream response head; larger: 502
+    engine: str = "fast"  # front-door engine: "fast" (httptools) or "aiohttp" (http/engines.py)
     access_log: bool = False
     json_logs: bool = False
     tls: TlsFiles | None = None  # the proxy port speaks HTTPS with these files

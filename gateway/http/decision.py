@@ -24,6 +24,21 @@ _OUTCOMES = ("forwarded", "blocked", "timeout", "upstream_error", "shed", "not_r
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"))
 
 
+def peer_address(address: str) -> str:
+    """A socket peer address as the index and the trusted-proxy check want it.
+
+    Every engine and the aiohttp middleware call this, so they judge one client alike: an
+    IPv4-mapped peer (`::ffff:a.b.c.d`, from a dual-stack listener) is its IPv4 address (the
+    IPv4 trie holds its ranges), and a link-local zone id (`fe80::1%eth0`) names our
+    interface, not the client, so it is dropped. IPv4 text passes with one test.
+    """
+    if ":" in address:
+        address = address.partition("%")[0]
+        if address.startswith("::ffff:") and "." in address:
+            address = address[7:]
+    return address
+
+
 class View(Protocol):
     """What the core needs of the follower: the lookup index and readiness."""
 
@@ -140,6 +155,40 @@ class Core:
             self.stats.shed += 1
             return 503
         return 0
+
+    def resend(self, exchange: Any, failure: int, now: float) -> bool:
+        """After a failed attempt: send the request again while time is left, another attempt is
+        allowed and `resendable` says it may (another upstream, or a fresh connection after a
+        stale one). True when it went again; else the engine ends it with the error status.
+        `exchange` is an engine's forwarded request (upstream.Exchange plus the fields here)."""
+        if now < exchange.deadline and exchange.attempts < self.max_attempts and self.resendable(
+                failure, exchange.idempotent):
+            pool = self.pool
+            previous = exchange.upstream
+            pool.done(previous, failure, now)
+            upstream = pool.pick(now)
+            if failure == STALE or upstream is not previous:
+                exchange.attempts += 1
+                exchange.upstream = upstream
+                exchange.upstream_conn = None
+                exchange.sent = now
+                pool.send(upstream, exchange, now, fresh=failure == STALE)
+                return True
+            exchange.upstream = None  # accounted above; nowhere else to try
+        return False
+
+    def end(self, exchange: Any, outcome: int, now: float) -> None:
+        """Close the books on a forwarded request, whatever its outcome: its deadline timer,
+        the in-flight count and the upstream's health (upstream.Pool.done)."""
+        exchange.seq += 1  # a connect still in progress now parks its connection
+        if exchange.timer is not None:
+            exchange.timer.cancel()
+            exchange.timer = None
+        self.in_flight -= 1
+        if exchange.upstream is not None:
+            self.pool.done(exchange.upstream, outcome, now)
+        exchange.upstream = None
+        exchange.upstream_conn = None
 
     def resendable(self, failure: int, idempotent: bool) -> bool:
         """Whether a failed attempt may be sent again: only if it provably never reached the

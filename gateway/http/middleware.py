@@ -7,7 +7,8 @@ rules:
 
 - 503 with `Retry-After: 1` until the follower has read the view to its end (DESIGN
   invariant 3): an app that answered before would let blacklisted clients through.
-- The client is the peer address (IPv4-mapped peers count as IPv4, zone ids are dropped);
+- The client is the peer address as every engine reads it (decision.peer_address: IPv4-mapped
+  peers count as IPv4, zone ids are dropped);
   `X-Forwarded-For` (all its header lines, joined in order) only when the peer is a
   configured trusted proxy, walked right to left past trusted proxies (gateway.http.clientip).
 - Blocked: the reject status (403; 204 suits OpenRTB bidders) before the handler runs.
@@ -42,6 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ..kafka.config import KafkaConfig
 from ..kafka.follower import Follower
 from .clientip import ClientIP
+from .decision import peer_address
 
 log = logging.getLogger("gateway.middleware")
 
@@ -104,7 +106,7 @@ class InlineBlacklist:
         """The address the blacklist judges for this request ("" when the peer has none)."""
         peer = request.remote or ""
         if ":" in peer:  # IPv6 text; the common IPv4 peer pays this one test
-            peer = _socket_v6(peer)
+            peer = peer_address(peer)
         if self._xff and peer and self._resolver.is_trusted(peer):
             lines = request.headers.getall("X-Forwarded-For", ())
             if lines:
@@ -189,14 +191,6 @@ def setup_blacklist(app: web.Application, kafka: KafkaConfig | str, **options) -
     app.cleanup_ctx.append(guard.cleanup_ctx)
     app[BLACKLIST] = guard
     return guard
-
-
-def _socket_v6(peer: str) -> str:
-    """An IPv6 socket address as the index and the trusted-proxy check want it."""
-    peer = peer.partition("%")[0]  # a link-local zone id names our interface, not the client
-    if peer.startswith("::ffff:") and "." in peer:
-        return peer[7:]
-    return peer
 
 
 async def _refuse(request: web.Request, status: int, headers: dict[str, str] | None = None) -> web.Response:

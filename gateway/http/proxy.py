@@ -5,7 +5,8 @@ aiohttp's low-level server costs ~27 µs of CPU per request against ~7 µs for t
 client connection carries one request at a time and is itself the exchange the upstream
 client calls back, so a forwarded request allocates no task, future or request object.
 What to decide (client address, blacklist, readiness, shedding, resending) lives in
-decision.py; this module is HTTP/1.1 framing and bounded buffering.
+decision.py, the HTTP rules and answers it shares with the aiohttp engine (aioengine.py) in
+wire.py; this module is HTTP/1.1 framing and bounded buffering.
 
 HTTP/1.1 behaviour (README "Front door: HTTP conformance and limits" lists each choice):
 - The decision is taken when the headers are complete. A blocked (or not-ready) request
@@ -38,18 +39,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import socket
 from collections import deque
-from http import HTTPStatus
 from ssl import SSLContext
 
 import httptools
 
 from . import proxyproto
 from .config import ServeConfig
-from .decision import IDEMPOTENT, Core, LatencyHistogram, Stats, View
-from .upstream import OK, STALE, TIMEOUT, Upstream, UpstreamConnection
+from .decision import IDEMPOTENT, Core, LatencyHistogram, Stats, View, peer_address
+from .upstream import OK, TIMEOUT, Upstream, UpstreamConnection
+from .wire import CLOSE as _CLOSE
+from .wire import CONTINUE as _CONTINUE
+from .wire import KEEP_ALIVE as _KEEP_ALIVE
+from .wire import MAX_CHUNKS, Answers, origin_form, response_bytes, valid_host
+from .wire import SPECIAL as _SPECIAL
 
 __all__ = ["ACCESS", "HttpConnection", "LatencyHistogram", "Proxy", "Stats", "View"]
 
@@ -57,45 +61,8 @@ __all__ = ["ACCESS", "HttpConnection", "LatencyHistogram", "Proxy", "Stats", "Vi
 ACCESS = logging.getLogger("gateway.access")
 log = logging.getLogger(__name__)
 
-# Request headers that are not passed on as received: hop-by-hop ones (RFC 9110 7.6.1),
-# framing (recomputed), Host (set per upstream), X-Forwarded-For (appended to), Expect
-# (answered here), and those read here and then forwarded (Content-Encoding).
-_SPECIAL = frozenset(
-    b"connection keep-alive proxy-connection transfer-encoding te trailer upgrade proxy-authenticate "
-    b"proxy-authorization content-length host x-forwarded-for expect content-encoding".split()
-)
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
-_NO_BODY_STATUS = frozenset((204, 304))
-_KEEP_ALIVE = b"Connection: keep-alive\r\n"
-_CLOSE = b"Connection: close\r\n"
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-# RFC 3986 host (reg-name, IPv4 or [IPv6]) with an optional port.
-_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?").fullmatch
-
 SLICE = 8192  # bytes fed to the parser at a time: bounds what one read can queue or buffer
 MAX_QUEUED = 16  # pipelined requests queued before parsing stops (plus what the slice in hand holds)
-MAX_CHUNKS = 16384  # chunks per request body (1-byte chunks cost a callback each)
-
-
-def origin_form(target: bytes) -> bytes | None:
-    """The origin-form (path and query) of an absolute-form target, or None if invalid."""
-    scheme, sep, rest = target.partition(b"://")
-    if not sep or scheme.lower() not in (b"http", b"https"):
-        return None
-    end = len(rest)
-    for stop in (b"/", b"?"):
-        at = rest.find(stop)
-        if 0 <= at < end:
-            end = at
-    authority, path = rest[:end], rest[end:]
-    if b"@" in authority or not valid_host(authority):
-        return None
-    return path if path.startswith(b"/") else b"/" + path
-
-
-def valid_host(host: bytes) -> bool:
-    return _HOST(host) is not None and b".." not in host
 
 
 class Proxy(Core):
@@ -110,7 +77,7 @@ class Proxy(Core):
         self.valid_hosts: set[bytes] = set()  # Host values seen valid: a set lookup, not a regex, per request
         self.connections: set[HttpConnection] = set()
         self.draining = False
-        self._responses: dict[tuple[int, bytes], tuple[bytes, bytes, bytes]] = {}
+        self._answers = Answers()
         self._sweeper: asyncio.Task | None = None
 
     # -- lifecycle --------------------------------------------------------------------
@@ -173,16 +140,8 @@ class Proxy(Core):
 
     # -- canned answers ---------------------------------------------------------------
     def response(self, status: int, extra: bytes = b"") -> tuple[bytes, bytes, bytes]:
-        """An empty-bodied answer as (plain, keep-alive, close) variants, cached."""
-        cached = self._responses.get((status, extra))
-        if cached is None:
-            if status == 503 and not extra:
-                extra = b"Retry-After: 1\r\n"
-            length = b"" if status in _NO_BODY_STATUS else b"Content-Length: 0\r\n"
-            head = b"HTTP/1.1 %d %s\r\n%s%s" % (status, _REASONS.get(status, b""), extra, length)
-            cached = (head + b"\r\n", head + _KEEP_ALIVE + b"\r\n", head + _CLOSE + b"\r\n")
-            self._responses[(status, extra)] = cached
-        return cached
+        """An empty-bodied answer as (plain, keep-alive, close) variants, cached (wire.Answers)."""
+        return self._answers(status, extra)
 
 
 class _Stop(Exception):
@@ -246,10 +205,7 @@ class HttpConnection(asyncio.Protocol):
         proxy.connections.add(self)
 
     def set_peer(self, address: str) -> None:
-        address = address.partition("%")[0]
-        if address.startswith("::ffff:") and "." in address:
-            address = address[7:]
-        self.peer = address
+        self.peer = address = peer_address(address)
         self.peer_b = address.encode()
         self.peer_trusted = self.proxy.trusted(address)
 
@@ -519,7 +475,7 @@ class HttpConnection(asyncio.Protocol):
 
     def upstream_response(self, status: int, headers: bytes, body: bytes | None) -> None:
         now = self.loop.time()
-        self._end(OK, now)
+        self.proxy.end(self, OK, now)
         proxy = self.proxy
         proxy.stats.forwarded += 1
         proxy.stats.latency.observe(now - self.t0)
@@ -527,30 +483,14 @@ class HttpConnection(asyncio.Protocol):
         if proxy.draining:
             self.keep = False
         connection = (_KEEP_ALIVE if self.x_ka else b"") if self.keep else _CLOSE
-        if body is None or status in _NO_BODY_STATUS:  # HEAD (length kept) or no body
-            data = b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (status, _REASONS.get(status, b""), headers, connection)
-        else:
-            data = b"HTTP/1.1 %d %s\r\n%s%sContent-Length: %d\r\n\r\n%s" % (
-                status, _REASONS.get(status, b""), headers, connection, len(body), body)
-        self.write(data)
+        self.write(response_bytes(status, headers, body, connection))
 
     def upstream_error(self, failure: int) -> None:
         now = self.loop.time()
         proxy = self.proxy
-        pool = proxy.pool
-        if now < self.deadline and self.attempts < proxy.max_attempts and proxy.resendable(failure, self.idempotent):
-            previous = self.upstream
-            pool.done(previous, failure, now)
-            upstream = pool.pick(now)
-            if failure == STALE or upstream is not previous:  # send it again
-                self.attempts += 1
-                self.upstream = upstream
-                self.upstream_conn = None
-                self.sent = now
-                pool.send(upstream, self, now, fresh=failure == STALE)
-                return
-            self.upstream = None  # accounted above; nowhere else to try
-        self._end(failure, now)
+        if proxy.resend(self, failure, now):
+            return
+        proxy.end(self, failure, now)
         proxy.stats.upstream_error += 1
         proxy.stats.latency.observe(now - self.t0)
         self.answer(proxy.error_status)
@@ -561,23 +501,11 @@ class HttpConnection(asyncio.Protocol):
         if conn is not None:
             conn.abandon()
         now = self.loop.time()
-        self._end(TIMEOUT, now)
+        self.proxy.end(self, TIMEOUT, now)
         proxy = self.proxy
         proxy.stats.timeout += 1
         proxy.stats.latency.observe(now - self.t0)
         self.answer(proxy.timeout_status)
-
-    def _end(self, outcome: int, now: float) -> None:
-        """Close the books on the forwarded request, whatever its outcome."""
-        self.seq += 1  # a connect still in progress now parks its connection
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.proxy.in_flight -= 1
-        if self.upstream is not None:
-            self.proxy.pool.done(self.upstream, outcome, now)
-        self.upstream = None
-        self.upstream_conn = None
 
     # -- answers ------------------------------------------------------------------------
     def answer(self, status: int) -> None:

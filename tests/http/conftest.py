@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import pytest
 from proxyrig import start_bidder, start_gateway
 
+from gateway.http.engines import ENGINES
+
 
 @pytest.fixture
 async def bidder():
@@ -37,13 +39,19 @@ async def hanging():
         writer.transport.abort()
 
 
+@pytest.fixture(params=ENGINES)
+def engine(request) -> str:
+    """Each request-path test runs once per front-door engine: one suite for both."""
+    return request.param
+
+
 @pytest.fixture
-async def gateway():
-    """Factory: start a Proxy on a loopback socket; returns (host, port, proxy)."""
+async def gateway(engine):
+    """Factory: start the engine under test on a loopback socket; returns (host, port, proxy)."""
     started = []
 
     async def start(upstreams, index=None, ready=True, host="127.0.0.1", **settings):
-        server, proxy, port = await start_gateway(upstreams, index, ready, host, **settings)
+        server, proxy, port = await start_gateway(upstreams, index, ready, host, engine=engine, **settings)
         started.append((server, proxy))
         return host, port, proxy
 

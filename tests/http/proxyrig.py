@@ -1,6 +1,6 @@
-"""The rig of the request-path tests: an in-process Proxy on loopback, real upstreams, raw clients.
+"""The rig of the request-path tests: an in-process engine on loopback, real upstreams, raw clients.
 
-The proxy runs in-process with an Index built directly (no Kafka); upstreams are real
+The engine (`fast` or `aiohttp`, ENGINES; conftest.py runs each test on both) runs in-process with an Index built directly (no Kafka); upstreams are real
 aiohttp or raw asyncio servers; clients are raw sockets so bytes can be compared.
 """
 
@@ -17,7 +17,7 @@ from aiohttp import web
 from gateway.blacklist.addresses import parse_address
 from gateway.blacklist.index import Index
 from gateway.http.config import ServeConfig
-from gateway.http.proxy import Proxy
+from gateway.http.engines import ENGINES, engine_class
 from gateway.kafka.config import KafkaConfig
 
 
@@ -98,16 +98,17 @@ def get(path="/", headers="", body=b"", method=b"GET") -> bytes:
     return f"{method.decode()} {path} HTTP/1.1\r\nHost: gw\r\n{headers}{length}\r\n".encode() + body
 
 
-async def start_gateway(upstreams, index=None, ready=True, host="127.0.0.1", ssl=None, **settings):
-    """A Proxy on a loopback socket: (server, proxy, port).
+async def start_gateway(upstreams, index=None, ready=True, host="127.0.0.1", engine="fast", ssl=None, **settings):
+    """An engine (`engine`: one of ENGINES) on a loopback socket: (server, proxy, port).
 
     The budget defaults to 5 s, not the product's 100 ms: a test of anything but the budget
     must not turn into a timing test on a loaded machine. Budget tests set `budget_ms`.
     With `ssl` (a server SSLContext) the port speaks HTTPS."""
     settings.setdefault("budget_ms", 5_000)
+    assert engine in ENGINES
     config = ServeConfig(kafka=KafkaConfig("unused:9092"), upstreams=tuple(upstreams), **settings)
     view = SimpleNamespace(index=index or Index.build([]), ready=ready)
-    proxy = Proxy(config, view)
+    proxy = engine_class(engine)(config, view)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     if family == socket.AF_INET6:

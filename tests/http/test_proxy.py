@@ -492,3 +492,45 @@ async def test_a_body_still_arriving_when_the_budget_is_spent_is_cut_off(gateway
     writer.close()
     assert data == b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
     assert proxy.stats.timeout == 1 and not bidder.seen and proxy.buffered == 0
+
+
+async def test_a_client_leaving_mid_body_is_no_error(gateway, bidder, caplog):
+    """A client that goes away while its body arrives is routine: nothing forwarded, nothing
+    logged as an error, its share of the body budget given back."""
+    caplog.set_level(logging.WARNING)
+    host, port, proxy = await gateway([bidder.url])
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)
+    await eventually(lambda: proxy.buffered == 10, what="the body to be gathered")
+    writer.transport.abort()
+    await eventually(lambda: proxy.buffered == 0, what="the budget given back")
+    assert (await exchange(host, port, get()))[0][0] == 200  # the worker serves on
+    assert not bidder.seen[:-1] and [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_long_target_gets_414_and_a_long_header_line_431(gateway, bidder):
+    host, port, _ = await gateway([bidder.url], max_header_bytes=1024)
+    assert (await exchange(host, port, get("/" + "a" * 2000)))[0][0] == 414
+    assert (await exchange(host, port, get(headers=f"X-Line: {'l' * 2000}\r\n")))[0][0] == 431
+    assert (await exchange(host, port, get("/" + "a" * 900)))[0][0] == 200
+    assert len(bidder.seen) == 1
+
+
+async def test_drain_lets_requests_in_flight_finish_and_closes_idle_connections(gateway):
+    async def slow(request, body):
+        await asyncio.sleep(0.3)
+        return web.Response(body=b"late:" + body)
+
+    bidder = await start_bidder(slow)
+    try:
+        host, port, proxy = await gateway([bidder.url])
+        _, idle = await asyncio.open_connection(host, port)
+        in_flight = [asyncio.create_task(exchange(host, port, get(body=b"%d" % i, method=b"POST"))) for i in range(4)]
+        await eventually(lambda: len(bidder.seen) == 4, what="four requests at the bidder")
+        assert await proxy.drain(5.0)
+        results = await asyncio.gather(*in_flight)
+        assert sorted(r[0][2] for r in results) == [b"late:%d" % i for i in range(4)]
+        assert {r[0][1].get("connection") for r in results} == {"close"}  # no keep-alive while draining
+        idle.close()
+    finally:
+        await bidder.runner.cleanup()

@@ -84,11 +84,12 @@ async def recorder():
 
 
 @pytest.fixture
-async def tls_front(recorder, ca, tmp_path):
-    """test_conformance's `front` (same settings), serving HTTPS."""
+async def tls_front(recorder, ca, tmp_path, engine):
+    """test_conformance's `front` (same settings, each engine), serving HTTPS."""
     files, _ = write_pair(ca, tmp_path)
     server, proxy, port = await start_gateway(
         [f"http://127.0.0.1:{recorder.port}"], ranges(("192.0.2.0", "192.0.2.255")), ssl=server_context(files),
+        engine=engine,
         trusted_proxies=("127.0.0.1/32",), max_body_bytes=1000, max_header_bytes=1024)
     yield port, proxy
     server.close()
@@ -115,8 +116,9 @@ async def send_tls(port: int, context: ssl.SSLContext, data: bytes, want: int, c
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-async def test_case_over_tls(case: Case, tls_front, recorder, ca) -> None:
+async def test_case_over_tls(case: Case, tls_front, recorder, ca, engine) -> None:
     port, proxy = tls_front
+    case = case.on(engine)
     recorder.reply = case.reply
     answer, closed = await send_tls(port, client_context(ca), case.send, len(case.answer), case.closes)
     assert answer == case.answer
@@ -126,12 +128,12 @@ async def test_case_over_tls(case: Case, tls_front, recorder, ca) -> None:
     assert proxy.buffered == 0
 
 
-async def test_a_blacklisted_peer_over_tls_gets_the_reject_status(ca, tmp_path):
+async def test_a_blacklisted_peer_over_tls_gets_the_reject_status(ca, tmp_path, engine):
     """The client address under a TLS transport is still the TCP peer (no XFF, no trusted proxy)."""
     bidder = await start_bidder()
     files, _ = write_pair(ca, tmp_path)
     server, proxy, port = await start_gateway([bidder.url], ranges(("127.0.0.2", "127.0.0.2")),
-                                              ssl=server_context(files))
+                                              ssl=server_context(files), engine=engine)
     try:
         blocked = await connect(port, client_context(ca), local="127.0.0.2")
         allowed = await connect(port, client_context(ca), local="127.0.0.3")
@@ -147,12 +149,12 @@ async def test_a_blacklisted_peer_over_tls_gets_the_reject_status(ca, tmp_path):
         await bidder.runner.cleanup()
 
 
-async def test_tls_is_1_2_or_newer_and_alpn_is_http_1_1(ca, tmp_path):
+async def test_tls_is_1_2_or_newer_and_alpn_is_http_1_1(ca, tmp_path, engine):
     bidder = await start_bidder()
     files, _ = write_pair(ca, tmp_path)
     context = server_context(files)
     assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
-    server, proxy, port = await start_gateway([bidder.url], ssl=context)
+    server, proxy, port = await start_gateway([bidder.url], ssl=context, engine=engine)
     try:
         client = client_context(ca)
         client.set_alpn_protocols(["h2", "http/1.1"])
