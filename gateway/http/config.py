@@ -33,4 +33,8 @@ class ServeConfig:
     max_buffered_bytes: int = 64 << 20  # per worker: request bodies being gathered, all connections
     max_response_header_bytes: int = 16 << 10  # upstream response head; larger: 502
     access_log: bool = False
+    mode: str = "enforce"  # "shadow": forward requests the blacklist would refuse, counted as shadow_blocked
+    admin_tokens: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (actor name, token), never logged
+    max_prefix_v4: int = 8  # POST /admin/commands refuses a wider BLACKLIST unless forced
+    max_prefix_v6: int = 32
     json_logs: bool = False

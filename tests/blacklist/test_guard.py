@@ -6,7 +6,13 @@ from hypothesis import strategies as st
 from model import any_command, reference
 
 from gateway.blacklist.commands import parse_command
-from gateway.blacklist.guard import Limits, TooBroad, check_command, check_impact, impact
+from gateway.blacklist.guard import (
+    Limits,
+    TooBroad,
+    check_command,
+    check_impact,
+    impact,
+)
 from gateway.blacklist.ranges import fold
 
 
