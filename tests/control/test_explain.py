@@ -243,3 +243,19 @@ async def test_the_guard_refuses_broad_changes_at_both_doors_unless_forced(gatew
     assert run.returncode == 2 and f"unblock {(1 << 24) + (1 << 23)} of the {blocked_now} IPv4" in run.stderr, run
     run = ctl(kafka_bootstrap, topic_names, "import", "-", "--force", stdin=unblock)
     assert run.returncode == 0 and "published 2 commands" in run.stdout, run.stderr
+
+
+async def test_explain_says_when_the_view_lags_the_log(kafka_bootstrap, topic_names):
+    """No materializer: the command is in the log and not in the view; explain says both, and why."""
+    from liveadmin import live_admin
+
+    async with live_admin(kafka_bootstrap, topic_names.commands, topic_names.ranges, materializer=False) as admin:
+        status, body = await admin.call("POST", "/admin/commands", json={"command": "BLACKLIST 198.51.100.0/24"})
+        assert status == 202, body
+        offset = body["offset"]
+        status, body = await admin.call("GET", "/admin/explain?ip=198.51.100.9")
+        assert status == 200 and body["decided_by"]["offset"] == offset, body
+        assert body["blocked"] is False and body["blocked_by_log"] is True and body["agrees"] is False
+        assert f"offset {offset}" in body["lag"] and "not enforced here yet" in body["lag"]
+        status, body = await admin.call("GET", "/admin/explain?ip=198.51.101.9")
+        assert body["decided_by"] is None and body["agrees"] is True and "lag" not in body
