@@ -655,6 +655,26 @@ def replay(kafka: KafkaConfig | None, until: datetime | None, offset: int | None
 @ctl.command()
 @option("--gateway", "gateway_url", required=True, metavar="URL", help="The gateway's admin URL (http://HOST:PORT).")
 @option("--token", required=True, help="The gateway's admin token.")
+@option("--limit", default=10, show_default=True, type=click.IntRange(1, 1000))
+@option("--json", "as_json", is_flag=True, help="The answer of GET /admin/top as is.")
+def top(gateway_url: str, token: str, limit: int, as_json: bool) -> None:
+    """The view ranges refusing the most requests on one gateway, since start and in the last minute."""
+    import json
+
+    import aiohttp
+
+    from .control.top import fetch, text
+
+    try:
+        body = run_async(asyncio.wait_for(fetch(gateway_url, token, limit), 15))
+    except (RuntimeError, aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
+        raise click.ClickException(f"cannot read the top ranges from {gateway_url}: {exc or type(exc).__name__}") from None
+    click.echo(json.dumps(body) if as_json else text(body))
+
+
+@ctl.command()
+@option("--gateway", "gateway_url", required=True, metavar="URL", help="The gateway's admin URL (http://HOST:PORT).")
+@option("--token", required=True, help="The gateway's admin token.")
 def adopt(gateway_url: str, token: str) -> None:
     """Make one gateway adopt the log the view topic holds now (it holds its view static after a reset)."""
     from .control.verify import adopt as ask

@@ -141,3 +141,28 @@ def _files(directory: str | None) -> Iterable[dict[str, Any]]:
                 yield json.load(file)
         except (OSError, ValueError):  # a worker replacing its file right now, or one that died mid-write
             continue
+
+
+async def fetch(url: str, token: str, limit: int) -> dict[str, Any]:
+    """GET /admin/top from a live gateway (`gateway ctl top`); RuntimeError with the gateway's reason."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"},
+                                     timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with session.get(url.rstrip("/") + "/admin/top", params={"limit": str(limit)}) as response:
+            body = await response.json(content_type=None)
+            if response.status != 200:
+                raise RuntimeError(f"GET /admin/top: {response.status} {body.get('error', body)}")
+            return body
+
+
+def text(body: dict[str, Any]) -> str:
+    """The answer of /admin/top as a table a person reads: busiest since start, with the last minute."""
+    lines = [f"mode {body['mode']}, {body['workers']} workers reporting",
+             f"{'since start':>12} {'last minute':>12}  range"]
+    for item in body["ranges"]:
+        gone = "" if item["in_view"] else "  (no longer in the view)"
+        lines.append(f"{item['blocked']:>12} {item['blocked_last_minute']:>12}  {item['start']} - {item['end']}{gone}")
+    if not body["ranges"]:
+        lines.append("(no request refused yet)")
+    return "\n".join(lines)

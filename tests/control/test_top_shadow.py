@@ -5,6 +5,9 @@ on distinct loopback addresses, each request on its own connection so both worke
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -101,6 +104,12 @@ async def test_top_sums_refusals_per_range_over_every_worker(kafka_bootstrap, to
         assert body["workers"] == 2  # each worker wrote its file: both took requests
         status, body = await get(session, base + "/admin/top?limit=1")
         assert body["ranges"] == want[:1]
+        run = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "ctl", "top", "--gateway", base,
+                                                       "--token", TOKEN, "--json"], capture_output=True, timeout=60)
+        assert run.returncode == 0 and json.loads(run.stdout)["ranges"] == want, run
+        run = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "ctl", "top", "--gateway", base,
+                                                       "--token", "wrong"], capture_output=True, timeout=60)
+        assert run.returncode == 1 and b"403 wrong admin token" in run.stderr, run
         status, body = await get(session, base + "/admin/top?limit=1001")
         assert status == 400 and "limit" in body["error"]
 
@@ -124,4 +133,17 @@ async def test_top_sums_refusals_per_range_over_every_worker(kafka_bootstrap, to
     if mode == "shadow":
         log = (tmp_path / "gateway.log").read_text()
         assert "shadow mode: forwarded a request the blacklist would refuse" in log
-        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("tokens, words", [
+    (["alice=same", "bob=same"], "two names share one token"),
+    (["one", "two"], "at most one bare token"),
+    (["alice=x1", "alice=x2"], "given twice"),
+])
+def test_admin_tokens_that_cannot_say_who_is_who_are_refused(tokens, words):
+    args = [sys.executable, "-m", "gateway", "serve", "--kafka", "127.0.0.1:9", "--upstream", "http://127.0.0.1:9"]
+    for token in tokens:
+        args += ["--admin-token", token]
+    run = subprocess.run(args, capture_output=True, timeout=60, text=True)
+    assert run.returncode == 2 and words in run.stderr and len(run.stderr.strip().splitlines()) == 1, run
+    assert "same" not in run.stderr and "x1" not in run.stderr  # a token is never echoed
