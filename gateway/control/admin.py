@@ -98,7 +98,8 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
 
 
 BARE_ACTOR = "admin-api"  # the actor recorded for commands published with the bare (unnamed) token
-ACTOR = "actor"  # request key: the name of the token that authenticated the request
+# The name of the token that authenticated the request (a typed key where aiohttp has them: 3.12+).
+ACTOR: Any = web.RequestKey("actor", str) if hasattr(web, "RequestKey") else "actor"
 
 
 def bearer_auth(token: str | None, named: tuple[tuple[str, str], ...] = ()):
