@@ -76,16 +76,20 @@ class CommandTable:
         except CommandError:
             verb, text = POISON, value
         else:
-            verb, text = _VERB[command.action], str(command)
+            # The text as the log holds it (our publishers write the canonical form); the network's
+            # packed bytes as the trie key: formatting an ipaddress is the costliest step of a catch-up.
+            verb, text = _VERB[command.action], value
             trie = self._tries[command.version]
-            prefix = str(command.network)
-            held = trie.get(prefix) if trie.has_key(prefix) else None
-            if held is None:
-                trie[prefix] = position
-            elif isinstance(held, list):
-                held.append(position)
+            network = command.network
+            key = (network.network_address.packed, network.prefixlen)
+            if not trie.has_key(key):
+                trie.insert(key[0], key[1], position)
             else:
-                trie[prefix] = [held, position]
+                held = trie.get(key)
+                if isinstance(held, list):
+                    held.append(position)
+                else:
+                    trie.insert(key[0], key[1], [held, position])
         self.offsets.append(offset)
         self.times.append(timestamp_ms)
         self.verbs.append(verb)
