@@ -81,15 +81,15 @@ class CommandTable:
             verb, text = _VERB[command.action], value
             trie = self._tries[command.version]
             network = command.network
-            key = (network.network_address.packed, network.prefixlen)
-            if not trie.has_key(key):
-                trie.insert(key[0], key[1], position)
+            packed, length = network.network_address.packed, network.prefixlen
+            if not trie.has_key((packed, length)):
+                trie.insert(packed, length, position)
             else:
-                held = trie.get(key)
+                held = trie.get((packed, length))
                 if isinstance(held, list):
                     held.append(position)
                 else:
-                    trie.insert(key[0], key[1], [held, position])
+                    trie.insert(packed, length, [held, position])
         self.offsets.append(offset)
         self.times.append(timestamp_ms)
         self.verbs.append(verb)
