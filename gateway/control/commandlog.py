@@ -117,14 +117,17 @@ class CommandIndex:
     async def keep_up(self, interval: float = 1.0, timeout: float = 60.0) -> None:
         """Read what was appended, every `interval`, until cancelled: the first read of a long log
         happens here, not in a request, and later requests only read the last second's records."""
+        pause = interval
         while True:
             try:
                 await asyncio.wait_for(self.catch_up(), timeout)
+                pause = interval
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - the broker's trouble: the next round retries
+            except Exception as exc:  # noqa: BLE001 - the broker's trouble: retried, less often while it lasts
                 log.debug("command log: catch-up failed: %r", exc)
-            await asyncio.sleep(interval)
+                pause = min(pause * 2, 10.0)
+            await asyncio.sleep(pause)
 
     async def _reader(self) -> AIOKafkaConsumer:
         if self._consumer is None:
