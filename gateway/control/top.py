@@ -78,9 +78,12 @@ class TopCounter:
                 "seconds": [[at, [[*span, count] for span, count in bucket.items()]] for at, bucket in self.seconds],
                 "unmatched": self.unmatched}
         temporary = f"{self.path}.tmp"
-        with open(temporary, "w") as file:
-            json.dump(body, file, separators=(",", ":"))
-        os.replace(temporary, self.path)
+        try:
+            with open(temporary, "w") as file:
+                json.dump(body, file, separators=(",", ":"))
+            os.replace(temporary, self.path)
+        except FileNotFoundError:  # the supervisor removed the directory: it is stopping, nobody reads it now
+            pass
 
 
 @dataclass
