@@ -134,6 +134,14 @@ async def test_explain_and_the_log_agree_with_a_scan_of_what_was_published(gatew
             answer = json.loads(run.stdout)
             assert answer["decided_by"]["offset"] == want.offset and answer["blocked"] == body["blocked"], answer
 
+        run = ctl(kafka_bootstrap, topic_names, "explain", "10.0.0.70")  # the words a person reads
+        want = reference_decider(sent, "10.0.0.70")
+        lines = run.stdout.splitlines()
+        assert run.returncode == 0 and lines[0] == "10.0.0.70: blocked in the view topic", run.stdout
+        assert lines[1].startswith(f"decided by offset {want.offset} at ") and \
+            f"Z: {want.command} (actor {want.actor}, reason -, request id " in lines[1], run.stdout
+        assert len(lines) == 2  # no disagreement to report
+
         # The log: newest first, filtered by actor, address and offset, against the same scan.
         newest = sorted(sent, key=lambda s: -s.offset)
         cases = {"": newest,
