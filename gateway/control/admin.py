@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,12 +28,15 @@ from aiokafka.errors import KafkaConnectionError
 from ..blacklist.addresses import BITS, format_address, parse_address
 from ..blacklist.cidrs import range_to_cidrs
 from ..blacklist.commands import CommandError, parse_command
+from ..blacklist.guard import Limits, TooBroad, check_command
 from ..http.config import ServeConfig
 from ..http.proxy import ACCESS
 from ..kafka.history import replay
 from ..kafka.topics import TopicError
 from . import openapi
+from . import top as top_counts
 from .commandlog import CommandIndex, Published
+from .metrics import ENV as METRICS_DIR_ENV
 from .metrics import METRICS_REGISTRY, handle_metrics, healthz, view_state
 from .progress import WorkerProgress
 
@@ -53,6 +57,7 @@ COMMAND_INDEX = web.AppKey("command_index", CommandIndex)
 PUBLISHING = web.AppKey("publishing", dict)  # Idempotency-Key -> the task publishing it, until it settles
 KEYED = web.AppKey("keyed", asyncio.Lock)
 PUBLISH_TIMEOUT = web.AppKey("publish_timeout", float)
+LAST_PUBLISHED = web.AppKey("last_published", list)  # [the highest offset this process published]
 MAX_KEY_LENGTH = 200
 
 
@@ -92,22 +97,39 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
         return web.json_response({"error": "internal error; the gateway log has the details"}, status=500)
 
 
-def bearer_auth(token: str | None):
-    """Require `Authorization: Bearer <token>` on /admin/*: 401 when absent or malformed, 403 when wrong."""
-    expected = token.encode() if token else None
+BARE_ACTOR = "admin-api"  # the actor recorded for commands published with the bare (unnamed) token
+# The name of the token that authenticated the request (a typed key where aiohttp has them: 3.12+).
+ACTOR: Any = web.RequestKey("actor", str) if hasattr(web, "RequestKey") else "actor"
+
+
+def bearer_auth(token: str | None, named: tuple[tuple[str, str], ...] = ()):
+    """Require `Authorization: Bearer <token>` on /admin/*: 401 when absent or malformed, 403 when wrong.
+
+    Tokens are the bare one (actor "admin-api") and named ones (--admin-token NAME=TOKEN): the
+    name of the token that matched is the actor of the commands that request publishes. Every
+    token is compared in constant time, all of them each time (no early exit telling which)."""
+    tokens = [(name, secret.encode()) for name, secret in named]
+    if token:
+        tokens.append((BARE_ACTOR, token.encode()))
     challenge = {"WWW-Authenticate": 'Bearer realm="gateway-admin"'}
 
     @web.middleware
     async def middleware(request: web.Request, handler):
         if not request.path.startswith("/admin/"):
             return await handler(request)
-        if expected is None:
+        if not tokens:
             raise ApiError(403, "the admin API is disabled: start the gateway with --admin-token (or GATEWAY_ADMIN_TOKEN)")
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <admin token>'", headers=challenge)
-        if not hmac.compare_digest(given.strip().encode(), expected):
+        offered = given.strip().encode()
+        actor = None
+        for name, secret in tokens:
+            if hmac.compare_digest(offered, secret) and actor is None:
+                actor = name
+        if actor is None:
             raise ApiError(403, "wrong admin token")
+        request[ACTOR] = actor
         return await handler(request)
 
     return middleware
@@ -116,7 +138,9 @@ def bearer_auth(token: str | None):
 QUERY_PARAMETERS = {
     "/admin/ranges": {"family", "format"},
     "/admin/lookup": {"ip"},
-    "/admin/commands": {"wait", "timeout", "request_id", "idempotency_key"},
+    "/admin/commands": {"wait", "timeout", "request_id", "idempotency_key", "since", "actor", "ip", "limit"},
+    "/admin/explain": {"ip"},
+    "/admin/top": {"limit"},
     "/admin/history": {"at", "family", "format"},
 }
 
@@ -229,11 +253,11 @@ async def ranges(request: web.Request) -> web.StreamResponse:
     return await _stream_ranges(request, _follow_ranges(request.app[FOLLOWER], family), fmt, {})
 
 
-async def lookup(request: web.Request) -> web.Response:
-    """Whether an address is blocked here, and the range that blocks it."""
+def _address(request: web.Request, route: str) -> tuple[int, int]:
+    """The ip query parameter as (version, value); an IPv4-mapped IPv6 address is taken as IPv4."""
     text = request.query.get("ip")
     if not text:
-        raise ApiError(400, "missing query parameter ip, e.g. /admin/lookup?ip=10.0.0.5")
+        raise ApiError(400, f"missing query parameter ip, e.g. {route}?ip=10.0.0.5")
     try:
         if "%" in text:
             raise ValueError("scoped address")
@@ -242,6 +266,12 @@ async def lookup(request: web.Request) -> web.Response:
         raise ApiError(400, f"ip must be an IPv4 or IPv6 address, got {text!r}") from None
     if version == 6 and (mapped := ipaddress.IPv6Address(value).ipv4_mapped) is not None:
         version, value = 4, int(mapped)  # looked up as IPv4, like the request path does
+    return version, value
+
+
+async def lookup(request: web.Request) -> web.Response:
+    """Whether an address is blocked here, and the range that blocks it."""
+    version, value = _address(request, "/admin/lookup")
     found = request.app[FOLLOWER].view.find(version, value)
     return web.json_response({
         "ip": format_address(version, value),
@@ -257,6 +287,7 @@ async def status(request: web.Request) -> web.Response:
     progress = request.app.get(PROGRESS)
     body = {
         "ready": state.ready,
+        "mode": request.app[CONFIG].mode,
         "ranges": {str(f): n for f, n in state.ranges.items()},
         "addresses": {str(f): n for f, n in state.addresses.items()},
         "applied_offsets": {str(p): o for p, o in state.offsets.items()},
@@ -329,9 +360,12 @@ async def commands(request: web.Request) -> web.Response:
         raise ApiError(400, 'body must be JSON: {"command": "BLACKLIST 10.0.0.0/24", "reason": "..."}') from None
     if not isinstance(body, dict):
         raise ApiError(400, 'body must be a JSON object: {"command": "BLACKLIST 10.0.0.0/24"}')
-    unknown = sorted(set(body) - {"command", "reason"})
+    unknown = sorted(set(body) - {"command", "reason", "force"})
     if unknown:
-        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}: only command and reason are accepted")
+        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}: only command, reason and force are accepted")
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise ApiError(400, "force must be true or false")
     text, reason = body.get("command"), body.get("reason")
     if not isinstance(text, str):
         raise ApiError(400, 'command must be a string such as "BLACKLIST 10.0.0.0/24" or "WHITELIST 2001:db8::/32"')
@@ -341,14 +375,21 @@ async def commands(request: web.Request) -> web.Response:
         command = parse_command(text)
     except CommandError as exc:
         raise ApiError(400, str(exc)) from None
+    if not force:
+        config = request.app[CONFIG]
+        try:
+            check_command(command, Limits(max_prefix_v4=config.max_prefix_v4, max_prefix_v6=config.max_prefix_v6))
+        except TooBroad as exc:
+            raise ApiError(422, f'{exc} ("force": true)', headers=echo, addresses=exc.addresses) from None
+    actor = request.get(ACTOR, BARE_ACTOR)
     if key is None:
-        offset = await _publish(request.app, command, None, reason, request_id, echo)
+        offset = await _publish(request.app, command, None, reason, request_id, echo, actor)
     else:
         async with request.app[KEYED]:  # look up, then publish, as one step in this process
             earlier = await _published_before(request.app, key, str(command), echo)
             if earlier is not None:
                 return web.json_response({**earlier.as_json(), "replayed": True}, status=200, headers=echo)
-            offset = await _publish(request.app, command, key, reason, request_id, echo)
+            offset = await _publish(request.app, command, key, reason, request_id, echo, actor)
     answer = {"offset": offset, "command": str(command), "request_id": request_id}
     if wait in ("1", "true"):
         if not await _wait_applied(request.app, offset, timeout):
@@ -395,12 +436,12 @@ async def _published_before(app: web.Application, key: str, command: str, echo: 
 
 
 async def _publish(app: web.Application, command: Any, key: str | None, reason: str | None, request_id: str,
-                   echo: dict[str, str]) -> int:
+                   echo: dict[str, str], actor: str = BARE_ACTOR) -> int:
     """Publish and wait a bounded time. The send is never cancelled (the producer would deliver the
     record anyway): past the time the answer says so, and a keyed send stays known until it settles."""
     task = asyncio.ensure_future(
-        app[PUBLISHER].publish(command, key=key, actor="admin-api", reason=reason, request_id=request_id))
-    task.add_done_callback(lambda t: _settled(app, t, key, str(command), reason, request_id))
+        app[PUBLISHER].publish(command, key=key, actor=actor, reason=reason, request_id=request_id))
+    task.add_done_callback(lambda t: _settled(app, t, key, str(command), reason, request_id, actor))
     if key is not None:
         app[PUBLISHING][key] = task
     limit = app[PUBLISH_TIMEOUT]
@@ -429,20 +470,28 @@ def _unconfirmed(command: Any, exc: Exception, never_sent: bool, key: str | None
 
 
 def _settled(app: web.Application, task: asyncio.Future, key: str | None, command: str, reason: str | None,
-             request_id: str) -> None:
+             request_id: str, actor: str) -> None:
     if key is not None and app[PUBLISHING].get(key) is task:
         del app[PUBLISHING][key]
     if task.cancelled() or task.exception() is not None:
         return
+    app[LAST_PUBLISHED][0] = max(app[LAST_PUBLISHED][0], task.result())
     app[COMMAND_INDEX].add(Published(task.result(), command, int(time.time() * 1000), key, request_id,
-                                     "admin-api", reason))
+                                     actor, reason))
 
 
 async def command_lookup(request: web.Request) -> web.Response:
-    """GET /admin/commands?request_id=R | ?idempotency_key=K: the command(s) the log holds for it."""
+    """GET /admin/commands?request_id=R | ?idempotency_key=K: the command(s) the log holds for it.
+    Without either: the log listing (command_log)."""
     request_id, key = request.query.get("request_id"), request.query.get("idempotency_key")
-    if (request_id is None) == (key is None):
-        raise ApiError(400, "give request_id=ID (from X-Request-Id) or idempotency_key=KEY")
+    if request_id is None and key is None:
+        return await command_log(request)
+    if request_id is not None and key is not None:
+        raise ApiError(400, "give request_id=ID (from X-Request-Id) or idempotency_key=KEY, not both")
+    listing = sorted({"since", "actor", "ip", "limit"} & set(request.query))
+    if listing:
+        raise ApiError(400, f"{', '.join(listing)} filter the log listing; they do not combine with"
+                            " request_id or idempotency_key")
     index = request.app[COMMAND_INDEX]
     try:
         await asyncio.wait_for(index.catch_up(), request.app[PUBLISH_TIMEOUT])
@@ -451,6 +500,150 @@ async def command_lookup(request: web.Request) -> web.Response:
     found = index.by_request.get(request_id, []) if request_id is not None else \
         [e for e in (index.by_key.get(key),) if e is not None]
     return web.json_response({"commands": [entry.as_json() for entry in found]})
+
+
+# -- handlers: explain, the log, top ---------------------------------------------------------
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+CATCH_UP_S = 2.0  # how long explain and the log listing wait for the log's newest records
+
+
+async def _read_log(app: web.Application, follower: Any) -> tuple[CommandIndex, str | None]:
+    """The command index, read at least up to every command this gateway has applied or published.
+
+    A background task reads the log's new records every half second (CommandIndex.keep_up), so a
+    request normally reads nothing from the broker (a catch-up costs a round trip and a drain of
+    ~50 ms). It catches up here only when the index is behind what this gateway knows exists: then
+    the answer never names an older command than the view enforces. 503 while the log has never
+    been read to its end; a note when the broker did not answer the catch-up in time."""
+    index = app[COMMAND_INDEX]
+    needed = max(follower.applied_command if follower.applied_command is not None else -1, app[LAST_PUBLISHED][0])
+    if index.end_offset is not None and index.next_offset > needed:
+        return index, None
+    try:
+        await asyncio.wait_for(index.catch_up(), min(CATCH_UP_S, app[PUBLISH_TIMEOUT]))
+        return index, None
+    except Exception as exc:  # noqa: BLE001 - the broker's trouble, or the first long read still running
+        if index.end_offset is None:
+            raise ApiError(503, f"the command log is still being read ({len(index.table)} commands so far) or the"
+                                f" broker does not answer ({exc!r}); retry shortly") from None
+        return index, (f"the command log could not be read past offset {index.next_offset - 1} just now ({exc!r}):"
+                       " newer commands may be missing")
+
+
+def _entry(index: CommandIndex, position: int) -> dict[str, Any]:
+    row = index.table.row(position)
+    entry = Published(row.offset, row.command, row.timestamp_ms, row.key, row.request_id, row.actor,
+                      row.reason).as_json()
+    if not row.valid:
+        entry["poison"] = True  # skipped by every reader: it changed nothing
+    return entry
+
+
+async def explain(request: web.Request) -> web.Response:
+    """GET /admin/explain?ip=A: this gateway's answer for A and the command that decided it.
+
+    The deciding command is the last one in the log whose network holds A: its verb is A's state
+    by the log. When that differs from this gateway's view, or the view has not applied it yet,
+    the answer says so (lag)."""
+    version, value = _address(request, "/admin/explain")
+    ip = format_address(version, value)
+    follower = request.app[FOLLOWER]
+    found = follower.view.find(version, value)
+    index, note = await _read_log(request.app, follower)
+    position = index.table.deciding(version, ip)
+    decided = None if position is None else _entry(index, position)
+    by_log = position is not None and index.table.blocks(position)
+    applied = follower.applied_command
+    body: dict[str, Any] = {
+        "ip": ip,
+        "blocked": found is not None,
+        "range": None if found is None else {"start": format_address(version, found[0]),
+                                             "end": format_address(version, found[1])},
+        "decided_by": decided,
+        "blocked_by_log": by_log,
+        "applied_command": applied,
+        "log_end_offset": index.next_offset - 1,
+        "agrees": by_log == (found is not None),
+    }
+    if decided is not None and (applied is None or applied < decided["offset"]):
+        body["lag"] = (f"this gateway has applied commands up to offset {applied}; the deciding command"
+                       f" (offset {decided['offset']}) is not enforced here yet")
+    elif not body["agrees"]:
+        body["lag"] = ("the view here and the command log disagree on this address: the view may be behind"
+                       " the log, or built from another log (see /admin/status and `gateway ctl verify`)")
+    if note:
+        body["note"] = note
+    return web.json_response(body)
+
+
+def _limit(request: web.Request) -> int:
+    text = request.query.get("limit")
+    if text is None:
+        return DEFAULT_LIMIT
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
+        raise ApiError(400, f"limit must be a whole number from 1 to {MAX_LIMIT}, got {text!r}")
+    return int(text)
+
+
+def _since(index: CommandIndex, text: str | None) -> int:
+    if text is None:
+        return 0
+    if text.isascii() and text.isdigit():
+        return index.table.first_at_or_after(offset=int(text))
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ApiError(400, f"since must be a command offset or an ISO 8601 time (2024-05-01T12:00:00Z),"
+                            f" got {text!r}") from None
+    when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return index.table.first_at_or_after(time_ms=int(when.timestamp() * 1000))
+
+
+async def command_log(request: web.Request) -> web.Response:
+    """GET /admin/commands?since=&actor=&ip=&limit=: the command log, newest first, with its headers."""
+    limit = _limit(request)
+    actor = request.query.get("actor")
+    if actor is not None and not actor:
+        raise ApiError(400, "actor must not be empty")
+    address = None
+    if "ip" in request.query:
+        version, value = _address(request, "/admin/commands")
+        address = (version, format_address(version, value))
+    index, note = await _read_log(request.app, request.app[FOLLOWER])
+    if actor is not None and actor not in index.table.actors:
+        known = sorted(index.table.actors)
+        shown = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "")
+        raise ApiError(400, f"no command in the log was published by actor {actor!r} (actors: {shown or 'none'})")
+    since = _since(index, request.query.get("since"))
+    entries = []
+    for position in index.table.newest_first(since=since, actor=actor, address=address):
+        entries.append(_entry(index, position))
+        if len(entries) >= limit:
+            break
+    body: dict[str, Any] = {"commands": entries, "count": len(entries), "log_end_offset": index.next_offset - 1}
+    if note:
+        body["note"] = note
+    return web.json_response(body)
+
+
+async def top(request: web.Request) -> web.Response:
+    """GET /admin/top?limit=N: the view ranges that refused the most requests, summed over every worker."""
+    limit = _limit(request)
+    summary = top_counts.summed(os.environ.get(METRICS_DIR_ENV), limit)
+    view = request.app[FOLLOWER].view
+
+    def listed(items: list[top_counts.Ranked]) -> list[dict[str, Any]]:
+        return [item.as_json(view.get(item.version, item.first) == item.last) for item in items]
+
+    return web.json_response({
+        "mode": request.app[CONFIG].mode,
+        "ranges": listed(summary.by_total),
+        "last_minute": listed(summary.by_minute),
+        "workers": summary.workers,
+        "unmatched": summary.unmatched,
+    })
 
 
 def _timeout(request: web.Request) -> float:
@@ -512,11 +705,12 @@ def make_admin_app(
     to wait for); `registry`: the metrics registry to serve when not in multiprocess mode;
     `baseline`: wall time the view was last known current at start (its snapshot's time, else now);
     `publish_timeout`: how long POST /admin/commands waits for the broker before it says so."""
-    app = web.Application(middlewares=[json_errors, bearer_auth(config.admin_token), known_query_parameters], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[json_errors, bearer_auth(config.admin_token, config.admin_tokens), known_query_parameters], client_max_size=MAX_BODY_BYTES)
     app[CONFIG], app[FOLLOWER], app[PUBLISHER] = config, follower, publisher
     app[BASELINE] = time.time() if baseline is None else baseline
     app[COMMAND_INDEX], app[PUBLISHING], app[KEYED] = CommandIndex(config.kafka), {}, asyncio.Lock()
     app[PUBLISH_TIMEOUT] = publish_timeout
+    app[LAST_PUBLISHED] = [-1]
     app.on_cleanup.append(_close_index)
     if progress is not None:
         app[PROGRESS] = progress
@@ -533,7 +727,22 @@ def make_admin_app(
     app.router.add_get("/admin/status", status, allow_head=False)
     app.router.add_get("/admin/history", history, allow_head=False)
     app.router.add_post("/admin/adopt", adopt)
+    app.router.add_get("/admin/explain", explain, allow_head=False)
+    app.router.add_get("/admin/top", top, allow_head=False)
+    app.on_startup.append(_keep_index)
     return app
+
+
+async def _keep_index(app: web.Application) -> None:
+    """Read the command log in the background from start: explain and the listing never wait for a
+    first read of a long log inside a request."""
+    task = asyncio.ensure_future(app[COMMAND_INDEX].keep_up(interval=0.5))
+
+    async def stop(app: web.Application) -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    app.on_cleanup.insert(0, stop)
 
 
 async def _close_index(app: web.Application) -> None:

@@ -4,7 +4,8 @@ POST /admin/commands cannot always say whether a command landed (a frozen broker
 record later). The command log itself is the only answer every gateway shares, before and after
 a restart, so a retry with the same `Idempotency-Key` (the record's key) is looked up here before
 anything is published again, and a client holding only its request id can find its command.
-The index reads the log once, then only what was appended since the last look.
+The index reads the log once, then only what was appended since the last look. Every record
+also goes into a `CommandTable` (explain.py): who blocked an address and why, and the log listing.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ..kafka.config import KafkaConfig
 from ..kafka.topics import header, log_reader, read_to_end
+from .explain import CommandTable
 
 log = logging.getLogger(__name__)
+
+INDEX_BATCH = 2000  # records indexed between two yields to the event loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,8 @@ class CommandIndex:
         self.by_key: dict[str, Published] = {}
         self.by_request: dict[str, list[Published]] = {}
         self.next_offset = 0
+        self.table = CommandTable()  # every record read from the log (never the producer's confirmations)
+        self.end_offset: int | None = None  # the commands topic's end as last read
         self._partition = TopicPartition(kafka.commands_topic, 0)
         self._consumer: AIOKafkaConsumer | None = None
         self._lock = asyncio.Lock()
@@ -87,7 +93,10 @@ class CommandIndex:
                 if not consumer.assignment():
                     consumer.assign([self._partition])
                 consumer.seek(self._partition, self.next_offset)
-                await read_to_end(consumer, [self._partition], self._handle)
+                # Small batches: indexing costs ~50 us a record, and this runs on the supervisor's loop
+                # (admin API, its follower): 2000 records hold it ~0.1 s, not seconds.
+                ends = await read_to_end(consumer, [self._partition], self._handle, max_records=INDEX_BATCH)
+                self.end_offset = max(ends[self._partition], self.next_offset)
             except BaseException:
                 await self.close()  # a fresh reader next time: this one may be mid-request
                 raise
@@ -99,10 +108,26 @@ class CommandIndex:
             self.next_offset = record.offset + 1
             headers = record.headers or ()
             key, request_id = _text(record.key), _text(header(headers, "request-id"))
+            value, actor, reason = _text(record.value) or "", _text(header(headers, "actor")), _text(header(headers, "reason"))
+            self.table.add(record.offset, value, record.timestamp, key, request_id, actor, reason)
             if key is None and request_id is None:
                 continue
-            self.add(Published(record.offset, _text(record.value) or "", record.timestamp, key, request_id,
-                               _text(header(headers, "actor")), _text(header(headers, "reason"))))
+            self.add(Published(record.offset, value, record.timestamp, key, request_id, actor, reason))
+
+    async def keep_up(self, interval: float = 1.0, timeout: float = 60.0) -> None:
+        """Read what was appended, every `interval`, until cancelled: the first read of a long log
+        happens here, not in a request, and later requests only read the last second's records."""
+        pause = interval
+        while True:
+            try:
+                await asyncio.wait_for(self.catch_up(), timeout)
+                pause = interval
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the broker's trouble: retried, less often while it lasts
+                log.debug("command log: catch-up failed: %r", exc)
+                pause = min(pause * 2, 10.0)
+            await asyncio.sleep(pause)
 
     async def _reader(self) -> AIOKafkaConsumer:
         if self._consumer is None:

@@ -36,10 +36,11 @@ from prometheus_client import (
 )
 
 from ..http.proxy import LatencyHistogram
+from .top import TopCounter
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("forwarded", "blocked", "timeout", "upstream_error", "shed", "not_ready", "rejected")
+OUTCOMES = ("forwarded", "blocked", "timeout", "upstream_error", "shed", "not_ready", "rejected", "shadow_blocked")
 LATENCY_BUCKETS = LatencyHistogram.BOUNDS  # the request path counts in these buckets; export them as is
 PROPAGATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -228,6 +229,8 @@ class Flusher:
                 self._histograms.append(_HistogramDelta(stats.upstream_latency, metrics.upstream_seconds))
         self._poison = 0
         self._stale = 0
+        # refusals per view range, for GET /admin/top: a file per worker in the multiprocess directory
+        self.top = TopCounter(os.environ.get(ENV)) if stats is not None and follower is not None else None
         if follower is not None:
             metrics.poison.labels(reader)  # exported at 0 from the start, so alerts see the series
             metrics.stale.labels(reader)
@@ -246,6 +249,8 @@ class Flusher:
                 self._outcomes[outcome] = now
         for histogram in self._histograms:
             histogram.flush()
+        if self.top is not None and (self.top.take(self.stats, self.follower.view) or self.top.seconds):
+            self.top.write()
 
     def _flush_follower(self) -> None:
         m, state = self.metrics, view_state(self.follower, self.baseline)

@@ -26,6 +26,9 @@ _FAMILY = {"name": "family", "in": "query", "required": False,
 _FORMAT = {"name": "format", "in": "query", "required": False,
            "description": "json (default) or cidr: text/plain, one CIDR per line, ranges split into prefixes.",
            "schema": {"type": "string", "enum": ["json", "cidr"]}}
+_IP = {"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "format": "ipv6"}], "example": "10.0.0.5"}
+_LIMIT = {"name": "limit", "in": "query", "required": False, "description": "At most this many (1 to 1000; default 100).",
+          "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}
 _REQUEST_ID = {"X-Request-Id": {"description": "The request id, as the command record carries it.",
                                "schema": {"type": "string"}}}
 _LISTING = {
@@ -47,7 +50,8 @@ _DOCUMENT: dict[str, Any] = {
         "version": "1",
         "description": (
             "The blacklist of one gateway: queries read its view, commands go to the command topic "
-            "(CQRS). Every /admin/* route needs `Authorization: Bearer <token>` (401 without, 403 wrong). "
+            "(CQRS). Every /admin/* route needs `Authorization: Bearer <token>` (401 without, 403 wrong); a "
+            "named token (--admin-token NAME=TOKEN) records NAME as the actor of the commands it publishes. "
             "Errors are JSON: {\"error\": \"what is wrong and what to do\"}."
         ),
     },
@@ -81,7 +85,14 @@ _DOCUMENT: dict[str, Any] = {
             },
         }},
         "/admin/commands": {"get": {
-            "summary": "Find a command in the command log by the request id or Idempotency-Key it was sent with",
+            "summary": "The command log, newest first, with who published each command and why; or the command"
+                       " sent with a request id or Idempotency-Key",
+            "description": "With request_id or idempotency_key: the command(s) sent with it (the other filters do not "
+                           "combine with them). Otherwise the log listing, newest first: `since` (a command offset or "
+                           "an ISO 8601 time; timestamps taken in log order), `actor` (one that published something: "
+                           "an unknown actor is a 400 that lists the known ones), `ip` (commands whose range holds "
+                           "the address), `limit` (1 to 1000, default 100). Poison records are listed with "
+                           "`poison: true` (they changed nothing).",
             "operationId": "findCommand",
             "parameters": [
                 {"name": "request_id", "in": "query", "required": False,
@@ -89,13 +100,28 @@ _DOCUMENT: dict[str, Any] = {
                  "schema": {"type": "string"}},
                 {"name": "idempotency_key", "in": "query", "required": False,
                  "description": "The Idempotency-Key the command was sent with.", "schema": {"type": "string"}},
+                {"name": "since", "in": "query", "required": False,
+                 "description": "From this command offset, or this ISO 8601 time (no zone: UTC), on.",
+                 "schema": {"anyOf": [{"type": "string", "pattern": "^[0-9]+$"},
+                                      {"type": "string", "format": "date-time"}], "example": "2024-05-01T12:00:00Z"}},
+                {"name": "actor", "in": "query", "required": False,
+                 "description": "Only commands published by this actor (an admin token's name, `admin-api` for the "
+                                "bare token, the OS user or --actor of `gateway ctl`).",
+                 "schema": {"type": "string", "minLength": 1}},
+                {"name": "ip", "in": "query", "required": False,
+                 "description": "Only commands whose range holds this address.", "schema": _IP},
+                _LIMIT,
             ],
             "responses": {
-                "200": {"description": "The matching commands (an empty list: none was published).",
+                "200": {"description": "The matching commands, newest first (an empty list: none).",
                         "content": {"application/json": {"schema": {
                             "type": "object", "required": ["commands"],
                             "properties": {"commands": {"type": "array", "items": {
-                                "$ref": "#/components/schemas/Published"}}}}}}},
+                                "$ref": "#/components/schemas/Published"}},
+                                "count": {"type": "integer", "minimum": 0},
+                                "log_end_offset": {"type": "integer", "description": "Last offset read of the log."},
+                                "note": {"type": "string", "description": "The log could not be read to its end "
+                                                                          "just now: newer commands may be missing."}}}}}},
                 "400": _ERROR,
                 **_AUTH_ERRORS,
                 "503": {"description": "The command topic could not be read.",
@@ -128,6 +154,8 @@ _DOCUMENT: dict[str, Any] = {
                                 "description": "`BLACKLIST <cidr>` or `WHITELIST <cidr>`; a bare address is a /32 "
                                                "or /128; host bits must be zero."},
                     "reason": {"type": "string", "maxLength": 1024, "description": "Kept in the record's headers."},
+                    "force": {"type": "boolean", "description": "Publish even a BLACKLIST wider than the gateway's "
+                                                                "--max-prefix (/8 IPv4, /32 IPv6 by default)."},
                 },
                 "additionalProperties": False,
             }}}},
@@ -149,7 +177,9 @@ _DOCUMENT: dict[str, Any] = {
                 "400": _ERROR,
                 **_AUTH_ERRORS,
                 "413": _ERROR,
-                "422": {"description": "The Idempotency-Key was used for another command.",
+                "422": {"description": "The Idempotency-Key was used for another command; or the broad-change "
+                                       "guard refused a BLACKLIST wider than --max-prefix (`addresses`: how many "
+                                       "it would block; send \"force\": true if you mean it). Nothing published.",
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
                 "503": {"description": "The broker did not confirm the command: `published` false (it could not be "
                                        "reached: nothing sent) or null (it may have been published; look it up "
@@ -158,6 +188,60 @@ _DOCUMENT: dict[str, Any] = {
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
                 "504": {"description": "Published, but not applied here within the timeout.",
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            },
+        }},
+        "/admin/explain": {"get": {
+            "summary": "Who blocked an address and why: this gateway's answer and the command that decided it",
+            "description": "`decided_by` is the last command in the log whose range holds the address (its verb is "
+                           "the address's state by the log; null when no command ever covered it). `blocked` is "
+                           "this gateway's view. When they differ, or the deciding command is not applied here yet, "
+                           "`lag` says so. Answered from an index the gateway keeps of the command log.",
+            "operationId": "explain",
+            "parameters": [{"name": "ip", "in": "query", "required": True, "description": "IPv4 or IPv6 address; "
+                            "IPv4-mapped IPv6 is taken as IPv4.", "schema": _IP}],
+            "responses": {
+                "200": {"description": "The verdict and its cause.", "content": {"application/json": {"schema": {
+                    "type": "object",
+                    "required": ["ip", "blocked", "range", "decided_by", "blocked_by_log", "agrees"],
+                    "properties": {
+                        "ip": {"type": "string"},
+                        "blocked": {"type": "boolean", "description": "This gateway's view."},
+                        "range": {**_RANGE, "nullable": True},
+                        "decided_by": {"allOf": [{"$ref": "#/components/schemas/Published"}], "nullable": True},
+                        "blocked_by_log": {"type": "boolean"},
+                        "agrees": {"type": "boolean"},
+                        "applied_command": {"type": "integer", "nullable": True},
+                        "log_end_offset": {"type": "integer"},
+                        "lag": {"type": "string", "description": "Present when the view and the log disagree."},
+                        "note": {"type": "string"},
+                    },
+                }}}},
+                "400": _ERROR,
+                **_AUTH_ERRORS,
+                "503": {"description": "The command log is still being read for the first time, or cannot be read.",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            },
+        }},
+        "/admin/top": {"get": {
+            "summary": "The view ranges refusing the most requests, summed over every worker",
+            "description": "`ranges`: the busiest since the gateway started; `last_minute`: the busiest over the "
+                           "last 60 seconds. Counted in --mode shadow too (would-be refusals). Workers report once "
+                           "a second. `in_view`: the range is still in the view as counted.",
+            "operationId": "top",
+            "parameters": [_LIMIT],
+            "responses": {
+                "200": {"description": "The counts.", "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["mode", "ranges", "last_minute", "workers"],
+                    "properties": {
+                        "mode": {"type": "string", "enum": ["enforce", "shadow"]},
+                        "ranges": {"type": "array", "items": {"$ref": "#/components/schemas/Refusing"}},
+                        "last_minute": {"type": "array", "items": {"$ref": "#/components/schemas/Refusing"}},
+                        "workers": {"type": "integer", "minimum": 0},
+                        "unmatched": {"type": "integer", "minimum": 0},
+                    },
+                }}}},
+                "400": _ERROR,
+                **_AUTH_ERRORS,
             },
         }},
         "/admin/status": {"get": {
@@ -266,7 +350,15 @@ _DOCUMENT: dict[str, Any] = {
                     "actor": {"type": "string", "nullable": True},
                     "reason": {"type": "string", "nullable": True},
                     "replayed": {"type": "boolean"},
+                    "poison": {"type": "boolean", "description": "A record that does not parse: it changed nothing."},
                 },
+            },
+            "Refusing": {
+                "type": "object", "required": ["start", "end", "blocked", "blocked_last_minute", "in_view"],
+                "properties": {"start": {"type": "string"}, "end": {"type": "string"},
+                               "blocked": {"type": "integer", "minimum": 0},
+                               "blocked_last_minute": {"type": "integer", "minimum": 0},
+                               "in_view": {"type": "boolean"}},
             },
             "Ranges": {
                 "type": "object",
@@ -285,6 +377,8 @@ _DOCUMENT: dict[str, Any] = {
                              "ranges_topic"],
                 "properties": {
                     "ready": {"type": "boolean"},
+                    "mode": {"type": "string", "enum": ["enforce", "shadow"],
+                             "description": "shadow: requests the blacklist would refuse are forwarded and counted."},
                     "ranges": {"$ref": "#/components/schemas/PerFamily"},
                     "addresses": {"$ref": "#/components/schemas/PerFamily"},
                     "applied_offsets": {"type": "object", "additionalProperties": {"type": "integer"},

@@ -9,6 +9,8 @@ difference. Exit 0 when every comparison is equal, 1 with the differing ranges.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -68,14 +70,15 @@ async def read_view(kafka: KafkaConfig) -> ViewLoader:
     """The view topic read to its end by the reader rules."""
     loader = ViewLoader(_Counter())
     reader = log_reader(kafka, "gateway-verify")
-    await reader.start()
     try:
+        await reader.start()
         partitions = await partitions_of(reader, kafka.ranges_topic)
         reader.assign(partitions)
         await reader.seek_to_beginning(*partitions)
         await read_to_end(reader, partitions, lambda tp, records: [loader.add(r) for r in records])
-    finally:
-        await reader.stop()
+    finally:  # bounded: a frozen broker must not hold a one-shot command past its --timeout
+        with contextlib.suppress(Exception, asyncio.TimeoutError):
+            await asyncio.wait_for(reader.stop(), 2.0)
     return loader
 
 

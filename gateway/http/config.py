@@ -35,6 +35,10 @@ class ServeConfig:
     max_response_header_bytes: int = 16 << 10  # upstream response head; larger: 502
     engine: str = "fast"  # front-door engine: "fast" (httptools) or "aiohttp" (http/engines.py)
     access_log: bool = False
+    mode: str = "enforce"  # "shadow": forward requests the blacklist would refuse, counted as shadow_blocked
+    admin_tokens: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (actor name, token), never logged
+    max_prefix_v4: int = 8  # POST /admin/commands refuses a wider BLACKLIST unless forced
+    max_prefix_v6: int = 32
     json_logs: bool = False
     tls: TlsFiles | None = None  # the proxy port speaks HTTPS with these files
     admin_tls: TlsFiles | None = None  # the admin listener speaks HTTPS (client CA optional)

@@ -10,6 +10,7 @@ per request, so both decide alike and count in the same Stats.
 from __future__ import annotations
 
 import asyncio
+import logging
 from bisect import bisect_left
 from typing import Any, Protocol
 
@@ -18,7 +19,10 @@ from .clientip import ClientIP
 from .config import ServeConfig
 from .upstream import CONNECT, STALE, Pool
 
-_OUTCOMES = ("forwarded", "blocked", "timeout", "upstream_error", "shed", "not_ready", "rejected")
+_OUTCOMES = ("forwarded", "blocked", "timeout", "upstream_error", "shed", "not_ready", "rejected", "shadow_blocked")
+SHADOW_LOG_EVERY = 100  # --mode shadow logs the first would-be-blocked request, then one in this many
+
+log = logging.getLogger(__name__)
 
 # RFC 9110 9.2.2: a request with one of these methods may be sent again after a failure.
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"))
@@ -66,11 +70,12 @@ class LatencyHistogram:
 class Stats:
     """Per-worker counters as plain integers; exported by whoever wires metrics."""
 
-    __slots__ = (*_OUTCOMES, "latency", "upstream_latency")
+    __slots__ = (*_OUTCOMES, "latency", "upstream_latency", "blocked_by")
 
     def __init__(self) -> None:
         for outcome in _OUTCOMES:
             setattr(self, outcome, 0)
+        self.blocked_by: dict[str, int] = {}  # client address -> refusals; the metrics flush takes it (top ranges)
         self.latency = LatencyHistogram()  # request in -> response out, for requests sent upstream
         self.upstream_latency = LatencyHistogram()  # request sent upstream -> its response in
 
@@ -99,6 +104,7 @@ class Core:
         self.max_header = config.max_header_bytes
         self.max_in_flight = config.max_in_flight
         self.max_attempts = len(config.upstreams) + 1
+        self.shadow = getattr(config, "mode", "enforce") == "shadow"  # forward would-be-blocked, count them
         self.in_flight = 0
         self._ready = False
 
@@ -132,8 +138,21 @@ class Core:
         except (ValueError, TypeError, KeyError):
             blocked = True
         if blocked:
-            self.stats.blocked += 1
+            stats = self.stats
+            by = stats.blocked_by
+            by[client] = by.get(client, 0) + 1
+            if self.shadow:
+                return self._shadowed(client)
+            stats.blocked += 1
             return self.reject_status
+        return 0
+
+    def _shadowed(self, client: str) -> int:
+        """--mode shadow: the blacklist would refuse this client; count it, log a sample, let it through."""
+        self.stats.shadow_blocked += 1
+        if self.stats.shadow_blocked % SHADOW_LOG_EVERY == 1:
+            log.info("shadow mode: forwarded a request the blacklist would refuse",
+                     extra={"client": client, "shadow_blocked": self.stats.shadow_blocked})
         return 0
 
     def screen_body(self, body: bytes | None, content_encoding: bytes | None) -> int:
@@ -144,7 +163,16 @@ class Core:
             addresses = openrtb.device_addresses(body or b"", content_encoding, self.max_body)
         except openrtb.Unreadable:
             addresses = None
-        if addresses is None or any(self.blocks(a) for a in addresses):
+        if addresses is None:  # unreadable: fail closed in both modes (not a blacklist decision)
+            self.stats.blocked += 1
+            return self.reject_status
+        hits = [a for a in addresses if self.blocks(a)]
+        if hits:
+            by = self.stats.blocked_by
+            for address in hits:
+                by[address] = by.get(address, 0) + 1
+            if self.shadow:
+                return self._shadowed(hits[0])
             self.stats.blocked += 1
             return self.reject_status
         return 0

@@ -27,6 +27,9 @@ ADMIN_ROUTES = [
     ("GET", "/admin/status"),
     ("GET", "/admin/history?at=0"),
     ("GET", "/admin/openapi.json"),
+    ("GET", "/admin/explain?ip=10.0.0.1"),
+    ("GET", "/admin/commands?limit=5"),
+    ("GET", "/admin/top"),
 ]
 
 

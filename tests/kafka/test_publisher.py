@@ -1,6 +1,7 @@
 """Publishing commands: offsets back, headers carried, blocklist files validated completely before sending."""
 
 import asyncio
+import getpass
 import re
 import subprocess
 import sys
@@ -107,4 +108,4 @@ async def test_ctl_blacklist_and_import_report_offsets(kafka, read_topic, tmp_pa
     assert out.returncode != 0 and "line 2:" in out.stderr
     records = await read_topic(kafka.commands_topic)
     assert [r.value for r in records] == [b"BLACKLIST 192.0.2.0/24", b"BLACKLIST 198.51.100.7/32", b"BLACKLIST 203.0.113.0/24"]
-    assert dict(records[0].headers) == {"reason": b"abuse"}
+    assert dict(records[0].headers) == {"reason": b"abuse", "actor": getpass.getuser().encode()}  # the OS user by default
