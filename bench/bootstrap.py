@@ -7,7 +7,8 @@ Starts its own Tansu on a free loopback port (or uses KAFKA_BOOTSTRAP). N BLACKL
 (3/4 IPv4 CIDRs /25../32, one per /24 block, 1/4 IPv6 /48s: never touching, so N ranges) are
 published to the commands topic and folded by the materializer into the view, as in production
 (command-offset, last and writer tags, a writer claim). Then, for each worker count:
-- spawn `python -m gateway serve --workers W` and time it to /readyz 200;
+- spawn `python -m gateway serve --workers W` and time it to /readyz 200, and the supervisor's
+  CPU time until then (its bootstrap: on a shared machine the wall time also counts others' load);
 - after a settle, read every process's memory (supervisor and workers) from
   /proc/PID/smaps_rollup: RSS, PSS (shared pages divided among the processes sharing them:
   the sum is what the host really holds) and private;
@@ -101,6 +102,12 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def memory_of(pid: int) -> dict[str, float]:
     """RSS, PSS and private memory of one process, in MB, from /proc/PID/smaps_rollup."""
     kb = {}
@@ -127,7 +134,7 @@ async def ready(session: aiohttp.ClientSession, url: str, timeout: float, proces
             async with session.get(url) as response:
                 if response.status == 200:
                     return
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, asyncio.TimeoutError):  # the supervisor's loop is busy building the view
             pass
         await asyncio.sleep(0.01)
     raise TimeoutError(f"{url} not ready in {timeout} s")
@@ -147,6 +154,7 @@ async def measure_serve(kafka: KafkaConfig, workers: int, log: Path) -> dict:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             await ready(session, readyz, 300, process)
             ready_s = time.monotonic() - started
+            ready_cpu_s = cpu_seconds(process.pid)  # the supervisor's bootstrap: what a quiet core would take
             await asyncio.sleep(SETTLE_S)
             memory = memory_of_gateway(process.pid)
             before = children(process.pid)
@@ -161,7 +169,8 @@ async def measure_serve(kafka: KafkaConfig, workers: int, log: Path) -> dict:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
-    return {"workers": workers, "ready_s": round(ready_s, 2), "refork_ready_s": round(refork_s, 3),
+    return {"workers": workers, "ready_s": round(ready_s, 2), "ready_cpu_s": round(ready_cpu_s, 2),
+            "refork_ready_s": round(refork_s, 3),
             "memory": memory, "memory_after_refork": after}
 
 
@@ -230,6 +239,7 @@ async def main() -> None:
         mine = [r for r in runs if r["workers"] == workers]
         per = lambda key: statistics.median(r["memory"]["processes"][key]["pss_mb"] for r in mine)  # noqa: E731
         rows.append({"workers": workers, "ready_s": statistics.median(r["ready_s"] for r in mine),
+                     "ready_cpu_s": statistics.median(r["ready_cpu_s"] for r in mine),
                      "refork_ready_s": statistics.median(r["refork_ready_s"] for r in mine),
                      "total_pss_mb": statistics.median(r["memory"]["total_pss_mb"] for r in mine),
                      "total_rss_mb": statistics.median(r["memory"]["total_rss_mb"] for r in mine),
@@ -239,14 +249,14 @@ async def main() -> None:
                                                              for r in mine) for i in range(workers)],
                      "total_pss_after_refork_mb": statistics.median(r["memory_after_refork"]["total_pss_mb"]
                                                                     for r in mine)})
-    print(f"{'workers':>7} {'ready s':>8} {'re-fork s':>9} {'PSS MB':>8} {'RSS MB':>8}  per worker PSS / private MB")
+    print(f"{'workers':>7} {'ready s':>8} {'CPU s':>6} {'re-fork s':>9} {'PSS MB':>8} {'RSS MB':>8}  per worker PSS / private MB")
     for row in rows:
-        print(f"{row['workers']:>7} {row['ready_s']:>8} {row['refork_ready_s']:>9} {row['total_pss_mb']:>8} "
+        print(f"{row['workers']:>7} {row['ready_s']:>8} {row['ready_cpu_s']:>6} {row['refork_ready_s']:>9} {row['total_pss_mb']:>8} "
               f"{row['total_rss_mb']:>8}  {row['worker_pss_mb']} / {row['worker_private_mb']}")
     print(f"lookups: {lookups['parent_ns']} ns in the builder, {lookups['forked_child_ns']} ns in a forked child")
     one = next(r for r in rows if r["workers"] == min(counts))
-    targets = [{"target": f"ready, --workers {r['workers']}", "goal": "<= 10 s", "measured": f"{r['ready_s']} s",
-                "met": r["ready_s"] <= 10} for r in rows]
+    targets = [{"target": f"ready, --workers {r['workers']}", "goal": "<= 10 s",
+                "measured": f"{r['ready_s']} s ({r['ready_cpu_s']} s of CPU)", "met": r["ready_s"] <= 10} for r in rows]
     targets += [{"target": f"total PSS, --workers {r['workers']} / --workers {one['workers']}", "goal": "<= 1.3x",
                  "measured": f"{r['total_pss_mb'] / one['total_pss_mb']:.2f}x",
                  "met": r["total_pss_mb"] <= 1.3 * one["total_pss_mb"]} for r in rows if r is not one]
