@@ -342,8 +342,8 @@ async def serve_worker(slot: int, config: ServeConfig, sock: socket.socket,
     finally:
         server.close()  # stop accepting; accepted connections go on
         drained = await proxy.drain(drain_timeout_s(config))
-        log.info("worker %d drained%s", slot, "" if drained else " (connections cut at the timeout)",
-                 extra=stats.outcomes())
+        log.info("%sworker %d drained%s", "" if follow else "standby ", slot,
+                 "" if drained else " (connections cut at the timeout)", extra=stats.outcomes())
         follower.stop()
         for task in tasks:
             task.cancel()
