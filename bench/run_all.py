@@ -34,6 +34,8 @@ BENCHES: dict[str, tuple[str, list[str], list[str], dict[str, str]]] = {
     # A real `gateway serve` on a 1M-range view, 1 and 2 workers: readiness, PSS of every process.
     "bootstrap": ("bootstrap", [], ["--ranges", "100000"], {}),
     "propagation": ("propagation", ["--preload", "0,1000000", "--load"], ["--commands", "200"], {}),
+    # Where propagation's extra milliseconds at 1M go: one broker hop against the partition's size.
+    "broker_fetch": ("broker_fetch", [], ["--sizes", "0,100000", "--samples", "50"], {}),
     "materializer": ("materializer", [], ["--commands", "50000", "--import-lines", "100000"], {}),
     "failover": ("failover", [], ["--rounds", "1"], {}),
     "proxy": ("proxy", [], ["--duration", "3"], {}),
