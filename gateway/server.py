@@ -304,6 +304,7 @@ def worker_main(slot: int, config: ServeConfig, sock: socket.socket, admin_fd: i
     os.close(admin_fd)  # the supervisor's listener: a worker must never hold the admin port
     # A worker is forked from inside the supervisor's event loop; it runs its own.
     asyncio.events._set_running_loop(None)
+    signal.set_wakeup_fd(-1)  # the supervisor loop's: a signal to this worker must not wake the supervisor
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
     setup_logging(json_lines=config.json_logs, access_log=config.access_log)
