@@ -31,8 +31,11 @@ BENCHES: dict[str, tuple[str, list[str], list[str], dict[str, str]]] = {
     "lookup": ("lookup", [], ["--sizes", "1000,100000"], {}),
     # The same index with malloc on transparent huge pages, as deploy/ runs the gateway.
     "lookup-hugepages": ("lookup", [], ["--sizes", "1000,100000"], HUGEPAGES),
-    "bootstrap": ("bootstrap", [], ["--sizes", "100000"], {}),
-    "propagation": ("propagation", [], ["--commands", "200"], {}),
+    # A real `gateway serve` on a 1M-range view, 1 and 2 workers: readiness, PSS of every process.
+    "bootstrap": ("bootstrap", [], ["--ranges", "100000"], {}),
+    "propagation": ("propagation", ["--preload", "0,1000000", "--load"], ["--commands", "200"], {}),
+    # Where propagation's extra milliseconds at 1M go: one broker hop against the partition's size.
+    "broker_fetch": ("broker_fetch", [], ["--sizes", "0,100000", "--samples", "50"], {}),
     "materializer": ("materializer", [], ["--commands", "50000", "--import-lines", "100000"], {}),
     "failover": ("failover", [], ["--rounds", "1"], {}),
     "proxy": ("proxy", [], ["--duration", "3"], {}),
@@ -137,6 +140,22 @@ def charts(results: dict[str, dict]) -> list[str]:
         fig.tight_layout()
         fig.savefig(BENCH / "propagation.png", dpi=100)
         made.append("propagation.png")
+    bootstrap = results.get("bootstrap")
+    if bootstrap and bootstrap.get("rows") and "worker_pss_mb" in bootstrap["rows"][0]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        rows = bootstrap["rows"]
+        xs = [str(r["workers"]) for r in rows]
+        bottom = [r["supervisor_pss_mb"] for r in rows]
+        ax.bar(xs, bottom, label="supervisor")
+        for i in range(max(r["workers"] for r in rows)):
+            part = [r["worker_pss_mb"][i] if i < r["workers"] else 0 for r in rows]
+            ax.bar(xs, part, bottom=bottom, label=f"worker {i}")
+            bottom = [b + p for b, p in zip(bottom, part)]
+        ax.set(xlabel="--workers", ylabel="PSS (MB)", title=f"gateway serve memory, {bootstrap['view']['ranges']:,} ranges")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(BENCH / "bootstrap.png", dpi=100)
+        made.append("bootstrap.png")
     plt.close("all")
     return made
 

@@ -9,8 +9,20 @@ Workers die with the supervisor: each asks the kernel for SIGKILL when its paren
 (PR_SET_PDEATHSIG) and checks the parent is still the one that forked it, so no orphan
 ever serves with a view nobody administers.
 
-Each worker runs uvloop, its own follower of the view and the proxy. The supervisor runs
-the admin listener with its own follower (gateway/control/admin.py), gathers the workers'
+One view per host: the supervisor bootstraps the view (or loads the snapshot) with its
+follower, and only then forks the workers. A worker inherits the view, the index and the
+follower's offsets and reader state copy-on-write (gateway/kafka/follower.py,
+Follower.inherit): it is ready at once and follows the view topic from where the supervisor
+was. Before each fork the supervisor freezes its heap for the garbage collector
+(gc.freeze), so no collection in any process writes to the shared pages; a lookup reads
+the trie's C nodes and writes nothing there either. So the host holds one view, plus what
+each process changed since. A worker that dies is forked again from the supervisor's
+current view and is ready at once. Until the supervisor has a view (no snapshot, broker
+not answered yet), standby workers hold the proxy port and answer 503: they have no view
+and follow nothing, and they drain and go once the view is there.
+
+Each worker runs uvloop, its follower of the view and the proxy. The supervisor runs the
+admin listener with its own follower (gateway/control/admin.py), gathers the workers'
 metrics, restarts a worker that dies, and on SIGTERM or SIGINT tells every worker to
 drain: stop accepting, close idle keep-alive connections, answer what is in flight (with
 `Connection: close`), then exit. SIGHUP reloads the TLS certificates (gateway/http/tls.py):
@@ -22,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import gc
 import logging
 import multiprocessing
 import os
@@ -72,10 +85,12 @@ def run(config: ServeConfig) -> None:
         raise
     try:
         with multiprocess_dir():
-            supervisor = Supervisor(config, sock, admin_sock)
             try:
-                supervisor.start_workers()  # forked before any event loop exists here
-                uvloop.run(supervisor.run())
+                supervisor = Supervisor(config, sock, admin_sock)
+            except TlsError as exc:  # the files changed since the command line checked them
+                raise ListenError(str(exc)) from None
+            try:
+                uvloop.run(supervisor.run())  # forks the workers once it holds the view
             finally:
                 supervisor.kill_workers()  # only left alive if the supervisor failed
     finally:
@@ -136,6 +151,11 @@ class Supervisor:
         self.progress = WorkerProgress(config.workers)
         self.workers: list[BaseProcess | None] = [None] * config.workers
         self.started: list[float] = [0.0] * config.workers
+        self.follower: Follower | None = None  # the view every worker is forked from
+        # The proxy's TLS pair, reloaded here on SIGHUP too: a worker forked later inherits the
+        # last pair that loaded, never files a bad rotation left on disk.
+        self.proxy_tls = reloadable(config.tls, "proxy")
+        self.retiring: list[BaseProcess] = []  # standby workers draining since the view came
         self.stopping = False
 
     def start_workers(self) -> None:
@@ -143,31 +163,51 @@ class Supervisor:
             self.start_worker(slot)
 
     def start_worker(self, slot: int) -> None:
+        """Fork the worker of `slot`: from the supervisor's view when it has one, else a standby (503s)."""
+        shared = self.follower if self.follower is not None and self.follower.ready.is_set() else None
+        if shared is not None:
+            freeze_heap()
         process = _FORK.Process(target=worker_main, args=(slot, self.config, self.sock, self.admin_sock.fileno(),
-                                                          os.getpid(), self.progress),
+                                                          os.getpid(), self.progress, shared, self.proxy_tls),
                                 name=f"gateway-worker-{slot}", daemon=False)
         process.start()
         self.workers[slot] = process
         self.started[slot] = time.monotonic()
-        log.info("worker %d started", slot, extra={"pid": process.pid, "port": self.port})
+        asyncio.get_running_loop().add_reader(process.sentinel, self._exited, slot, process)
+        log.info("worker %d started%s", slot, "" if shared is not None else " (standby until the view is read)",
+                 extra={"pid": process.pid, "port": self.port})
+
+    async def share_view(self) -> None:
+        """Once the supervisor's follower holds the view: fork every worker from it; the standbys drain and go."""
+        await self.follower.ready.wait()
+        if self.stopping:
+            return
+        standbys = [p for p in self.workers if p is not None and p.exitcode is None]
+        self.start_workers()
+        for process in standbys:  # the new workers accept already: the port is never unserved
+            self.retiring.append(process)
+            os.kill(process.pid, signal.SIGTERM)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        for slot, process in enumerate(self.workers):
-            loop.add_reader(process.sentinel, self._exited, slot)
         admin_tls = reloadable(self.config.admin_tls, "admin")
         loop.add_signal_handler(signal.SIGHUP, self.reload_tls, admin_tls)
 
         follower, baseline = start_follower(self.config)
+        self.follower = follower
         publisher = LazyPublisher(self.config.kafka)
         metrics = Metrics()
+        waiting = not follower.ready.is_set()  # ready here: loaded from the snapshot
+        self.start_workers()  # sharing the view, or standbys until the follower has read it
         tasks = [
             asyncio.create_task(follower.run()),
             asyncio.create_task(Flusher(metrics, None, follower, reader="admin", baseline=baseline).run()),
         ]
+        if waiting:
+            tasks.append(asyncio.create_task(self.share_view()))
         if self.config.snapshot:  # cancelling it writes one last snapshot
             tasks.append(asyncio.create_task(keep_writing(self.config.snapshot, follower, self.config.kafka)))
         app = make_admin_app(self.config, follower, publisher, progress=self.progress,
@@ -191,46 +231,52 @@ class Supervisor:
         log.info("stopped")
 
     def reload_tls(self, admin_tls: Reloadable | None) -> None:
-        """SIGHUP: reload the admin listener's certificate, and have every worker reload the proxy's."""
+        """SIGHUP: reload the admin listener's certificate and the proxy's (the pair a worker forked
+        from now inherits), and have every worker reload the proxy's."""
         log.info("SIGHUP: reloading TLS certificates")
-        if admin_tls is not None:
-            admin_tls.reload()
+        for tls in (admin_tls, self.proxy_tls):
+            if tls is not None:
+                tls.reload()
         for process in self.workers:
             if process is not None and process.exitcode is None:
                 os.kill(process.pid, signal.SIGHUP)
 
-    def _exited(self, slot: int) -> None:
-        process = self.workers[slot]
+    def _exited(self, slot: int, process: BaseProcess) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(process.sentinel)
         process.join()
         worker_exited(process.pid)
+        if process is not self.workers[slot]:  # a standby that drained after the view came
+            if process in self.retiring:
+                self.retiring.remove(process)
+            return
         self.progress.reset(slot)
         if self.stopping:
             return
         log.error("worker %d exited unexpectedly (code %s); restarting it", slot, process.exitcode,
                   extra={"pid": process.pid})
         delay = RESTART_BACKOFF_S if time.monotonic() - self.started[slot] < RESTART_BACKOFF_S else 0.0
-        loop.call_later(delay, self._restart, slot)
+        loop.call_later(delay, self._restart, slot, process)
 
-    def _restart(self, slot: int) -> None:
-        if self.stopping:
+    def _restart(self, slot: int, process: BaseProcess) -> None:
+        if self.stopping or self.workers[slot] is not process:  # stopping, or already replaced
             return
-        self.start_worker(slot)
-        asyncio.get_running_loop().add_reader(self.workers[slot].sentinel, self._exited, slot)
+        self.start_worker(slot)  # from the supervisor's current view: ready at once
+
+    def _processes(self) -> list[BaseProcess]:
+        return [p for p in [*self.workers, *self.retiring] if p is not None and p.exitcode is None]
 
     def kill_workers(self) -> None:
         """SIGKILL every worker still alive (the supervisor is failing, not draining)."""
         self.stopping = True
-        for process in self.workers:
-            if process is not None and process.exitcode is None:
-                process.kill()
-                process.join()
+        for process in self._processes():
+            process.kill()
+            process.join()
 
     async def stop_workers(self) -> None:
         """SIGTERM every worker and wait for them to drain; kill those that do not in time."""
         self.stopping = True
-        alive = [p for p in self.workers if p is not None and p.exitcode is None]
+        alive = self._processes()
         for process in alive:
             os.kill(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + drain_timeout_s(self.config) + 5.0
@@ -248,6 +294,21 @@ def reloadable(files: TlsFiles | None, name: str) -> Reloadable | None:
     return Reloadable(files, name) if files is not None else None
 
 
+def freeze_heap() -> None:
+    """Before forking a worker that shares the view: keep the shared pages shared.
+
+    gc.freeze() moves every object alive now out of the collector's generations, so no
+    collection in the supervisor or a worker writes to them (a collection writes into the
+    header of every object it visits); malloc_trim hands the bootstrap's freed buffers back
+    to the OS rather than to the children, where reusing them would copy the pages."""
+    gc.collect()
+    gc.freeze()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def start_follower(config: ServeConfig) -> tuple[Follower, float | None]:
     """This process's follower, starting from the snapshot when one is configured and fresh;
     and the snapshot's time (None without one)."""
@@ -263,38 +324,46 @@ def start_follower(config: ServeConfig) -> tuple[Follower, float | None]:
 # -- a worker -----------------------------------------------------------------------------------
 
 def worker_main(slot: int, config: ServeConfig, sock: socket.socket, admin_fd: int, parent: int,
-                progress: WorkerProgress) -> None:
-    """Entry of a forked worker process."""
+                progress: WorkerProgress, shared: Follower | None = None, tls: Reloadable | None = None) -> None:
+    """Entry of a forked worker process. `shared`: the supervisor's follower, whose view this worker
+    inherits and follows on; None: a standby that answers 503 until the supervisor has a view."""
     die_with_parent(parent)
     os.close(admin_fd)  # the supervisor's listener: a worker must never hold the admin port
-    # A worker restarted by the running supervisor is forked from inside its event loop.
+    # A worker is forked from inside the supervisor's event loop; it runs its own.
     asyncio.events._set_running_loop(None)
+    signal.set_wakeup_fd(-1)  # the supervisor loop's: a signal to this worker must not wake the supervisor
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload forwarded before our loop listens must not kill us
     setup_logging(json_lines=config.json_logs, access_log=config.access_log)
-    uvloop.run(serve_worker(slot, config, sock, progress))
+    if shared is None:
+        uvloop.run(serve_worker(slot, config, sock, None, Follower(config.kafka), follow=False, tls=tls))
+    else:
+        uvloop.run(serve_worker(slot, config, sock, progress, Follower.inherit(shared), tls=tls))
 
 
 async def serve_worker(slot: int, config: ServeConfig, sock: socket.socket,
-                       progress: WorkerProgress | None = None) -> None:
-    """Follow the view and proxy on the inherited listening socket until SIGTERM/SIGINT, then drain."""
+                       progress: WorkerProgress | None = None, follower: Follower | None = None,
+                       follow: bool = True, tls: Reloadable | None = None) -> None:
+    """Follow the view and proxy on the inherited listening socket until SIGTERM/SIGINT, then drain.
+
+    `follower`: the view to serve (inherited from the supervisor); None: bootstrap one here.
+    `follow=False`: a standby, serving a view it never reads (503 until replaced).
+    `tls`: the proxy's TLS pair, inherited from the supervisor; this worker reloads it on SIGHUP."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:  # loaded from the files as they are now: a worker restarted after a bad rotation cannot serve
-        tls = reloadable(config.tls, "proxy")
-    except TlsError as exc:
-        log.error("worker %d cannot serve HTTPS: %s", slot, exc)
-        raise SystemExit(1) from None
-    follower, baseline = start_follower(config)
+    baseline = None
+    if follower is None:
+        follower, baseline = start_follower(config)
     stats = Stats()
     proxy = make_engine(config, follower, stats)
     tasks = [
-        asyncio.create_task(follower.run()),
         asyncio.create_task(Flusher(Metrics(), stats, follower, baseline=baseline).run()),
     ]
+    if follow:
+        tasks.append(asyncio.create_task(follower.run()))
     if progress is not None:
         tasks.append(asyncio.create_task(progress.report(slot, follower)))
     if tls is not None:
@@ -305,8 +374,8 @@ async def serve_worker(slot: int, config: ServeConfig, sock: socket.socket,
     finally:
         server.close()  # stop accepting; accepted connections go on
         drained = await proxy.drain(drain_timeout_s(config))
-        log.info("worker %d drained%s", slot, "" if drained else " (connections cut at the timeout)",
-                 extra=stats.outcomes())
+        log.info("%sworker %d drained%s", "" if follow else "standby ", slot,
+                 "" if drained else " (connections cut at the timeout)", extra=stats.outcomes())
         follower.stop()
         for task in tasks:
             task.cancel()

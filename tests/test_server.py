@@ -257,3 +257,39 @@ async def test_workers_die_with_a_killed_supervisor(tmp_path):
         await eventually(lambda: not any(alive(pid) for pid in workers), timeout=10, what="the workers to die")
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+# -- one view per host: the workers are forked from the supervisor's view ----------------------
+
+async def test_a_killed_worker_is_forked_again_from_the_supervisors_current_view(own_broker, topic_names, tmp_path):
+    """The worker misses a command (frozen, then SIGKILLed); the broker is gone before the supervisor
+    forks its replacement. A replacement that had to read the view itself could never be ready;
+    one forked from the supervisor's view is ready and enforces that command at once."""
+    port, admin, kafka = free_port(), free_port(), own_broker.bootstrap
+    token = {"Authorization": "Bearer t0ken"}
+    async with bidder() as (upstream, _, _):
+        with process(["materialize", "--kafka", kafka, "--commands-topic", topic_names.commands,
+                      "--ranges-topic", topic_names.ranges], tmp_path, "materializer"), \
+             process(serve_args(kafka, topic_names, [upstream], port, admin, "--workers", "1",
+                                "--admin-token", "t0ken"), tmp_path, "gateway") as gateway:
+            await wait_status(f"http://127.0.0.1:{admin}/readyz")
+            [worker] = children(gateway.pid)
+            async with Publisher(KafkaConfig(kafka, topic_names.commands, topic_names.ranges)) as pub:
+                await pub.publish("BLACKLIST 127.0.0.2")
+                await eventually(lambda: _status_is(port, "127.0.0.2", 403))
+                os.kill(worker, signal.SIGSTOP)  # from here on the worker reads nothing
+                await pub.publish("BLACKLIST 127.0.0.3")
+
+            async def supervisor_blocks(ip: str) -> bool:
+                async with aiohttp.ClientSession(headers=token) as session:
+                    async with session.get(f"http://127.0.0.1:{admin}/admin/lookup", params={"ip": ip}) as response:
+                        return (await response.json())["blocked"]
+
+            await eventually(lambda: supervisor_blocks("127.0.0.3"))
+            own_broker.stop()  # nothing left to bootstrap from
+            os.kill(worker, signal.SIGKILL)
+            replacement = await eventually(lambda: (now := children(gateway.pid)) and now[0] != worker and now[0])
+            await wait_status(f"http://127.0.0.1:{admin}/readyz")
+            assert children(gateway.pid) == [replacement]  # every request below reaches the new worker
+            assert [(await request(port, ip))[0] for ip in ("127.0.0.3", "127.0.0.2", "127.0.0.1")] == [403, 403, 200]
+

@@ -120,6 +120,37 @@ class Follower:
         self._check_start = initial is not None
         self._trusted_until = trusted_until
 
+    @classmethod
+    def inherit(cls, parent: Follower) -> Follower:
+        """In a worker just forked from the supervisor: a follower that goes on from the parent's state.
+
+        The view and the index are the parent's very objects, shared copy-on-write with the
+        supervisor and every other worker: nothing is rebuilt or copied, so the worker is ready
+        at once, and it owns only the pages the records it applies touch. The events are new (the
+        parent's belong to an event loop that does not run here). The reader rules go on from the
+        parent's claim, stale count and last records, so a stale record stays stale, and a reset or
+        foreign log found when this follower connects holds the inherited view static (invariant 7).
+        """
+        child = cls(parent.kafka, claim=parent.rules.claim, signatures=parent.signatures,
+                    fetch_max_wait_ms=parent._fetch_max_wait_ms, status_interval_s=parent._status_interval_s,
+                    create_topics=False)
+        child.view, child.index = parent.view, parent.index
+        child.offsets = dict(parent.offsets)
+        child.applied_offsets = dict(parent.applied_offsets)
+        child.end_offsets = dict(parent.end_offsets)
+        child.applied_command, child.commands_end = parent.applied_command, parent.commands_end
+        child.poison, child.records_applied = parent.poison, parent.records_applied
+        child.last_update, child.last_contact = parent.last_update, parent.last_contact
+        child.log_id, child.static = parent.log_id, parent.static
+        child._stale_before = parent.stale
+        child._pending, child._pending_since = list(parent._pending), parent._pending_since  # a command half read
+        child._check_start, child._trusted_until = parent._check_start, parent._trusted_until
+        if parent.ready.is_set():
+            child.ready.set()
+        if parent._adopt.is_set():
+            child._adopt.set()
+        return child
+
     # -- what the gateway reads -----------------------------------------------------------
 
     @property
