@@ -216,7 +216,9 @@ class AiohttpEngine(Core):
         if te is not None or length >= 0:
             if expect is not None and not http10 and conn.transport is not None:
                 conn.transport.write(CONTINUE)
-            body = await self.read_body(request, conn, t0, length)
+            # Content-Length: 0 has nothing to read, and aiohttp's stream for it is one object
+            # shared by every request, whose end state a read would leave for the next one.
+            body = b"" if length == 0 and te is None else await self.read_body(request, conn, t0, length)
             if type(body) is _Answer:
                 return body
         status = status or (self.openrtb and self.screen_body(body, encoding))

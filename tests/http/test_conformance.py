@@ -256,6 +256,19 @@ async def test_case(case: Case, front, recorder, engine) -> None:
 
 # -- cases with steps -------------------------------------------------------------------------
 
+async def test_every_empty_post_is_forwarded_like_the_first(front, recorder):
+    """A POST with Content-Length: 0, three times in one worker, forwards three times.
+
+    aiohttp hands every bodiless request one shared empty stream whose end-of-chunk state
+    outlives the request: read again, it reports endless empty chunks (the second such POST
+    got 400 for too many chunks)."""
+    port, _ = front
+    for _ in range(3):
+        answer, _ = await send(port, b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n", len(OK), False)
+        assert answer == OK
+    assert len(recorder.requests) == 3
+
+
 async def test_a_trailer_flood_is_refused(front, recorder):
     """Trailers are bounded in both engines (fast: the header byte limit; aiohttp: its count of
     header fields): a flood of them is refused and nothing reaches the upstream."""
