@@ -132,3 +132,26 @@ def running(argv: list[str], log_path: Path, *, env: dict[str, str] | None = Non
             stop_pid(proc, timeout=20)
             log.seek(0)
             sys.stderr.write(f"--- {log_path.name} (exit {proc.returncode}) ---\n{log.read()[-3000:]}\n")
+
+
+async def freeze(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP `pid` and return once every thread of it is stopped.
+
+    kill() returns when the signal is queued, not when the process has stopped: a thread
+    still running for a moment can answer one more request, and a test that freezes a broker
+    and then expects silence would sometimes see it answer."""
+    import signal
+
+    os.kill(pid, signal.SIGSTOP)
+
+    def states() -> set[str]:
+        out = set()
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                out.add((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:  # a thread that just ended
+                pass
+        return out
+
+    await eventually(states, until=lambda s: s <= {"T", "t"}, timeout=timeout, interval=0.005,
+                     what=f"every thread of {pid} stopped")

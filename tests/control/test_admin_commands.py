@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from helpers import eventually
+from helpers import eventually, freeze
 
 from gateway.broker import start_broker
 from gateway.control.admin import make_admin_app, start_admin
@@ -115,7 +115,7 @@ async def test_a_frozen_broker_may_have_published_and_says_how_to_find_out(uniqu
         async with aiohttp.ClientSession() as session, admin_listener(kafka, publish_timeout=1.0) as a:
             assert (await post(session, a, "BLACKLIST 10.16.0.0/16"))[0] == 202  # offset 0; the producer is up
 
-            os.kill(broker.pid, signal.SIGSTOP)
+            await freeze(broker.pid)
             try:
                 status, body, headers = await post(session, a, "BLACKLIST 10.17.0.0/16", **{"X-Request-Id": "req-frozen"})
                 assert status == 503 and body["published"] is None, body
