@@ -247,8 +247,22 @@ async def test_sighup_rotates_the_proxy_certificate_without_dropping_connections
             assert await ask(*kept) == 200
             assert proc.poll() is None
             kept[1].close()
+
+            # A worker forked after the bad rotation inherits the supervisor's last good pair; it
+            # does not read the broken files left on disk (and so it serves at once).
+            (worker,) = workers(proc.pid)
+            os.kill(worker, signal.SIGKILL)
+            await eventually(lambda: workers(proc.pid), until=lambda pids: len(pids) == 1 and worker not in pids,
+                             timeout=20, what="the worker forked again")
+            await eventually(lambda: handshake_sees(port, client, second), timeout=20,
+                             what="the re-forked worker serving the last good certificate")
     finally:
         await bidder.runner.cleanup()
+
+
+def workers(pid: int) -> list[int]:
+    """The supervisor's child processes."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 async def admin_status(port: int, context: ssl.SSLContext) -> int | str:
