@@ -494,14 +494,17 @@ def cyclic_gc_paused() -> Iterator[None]:
 
     A bootstrap holds the fetched batches' records (tuples, tracked) while they are read, so
     they outlive the young generations and keep triggering full collections that walk the
-    whole heap: ~30% of a 1M-record bootstrap's CPU (bench/RESULTS.md, issue 16). Nothing of the
-    read is cyclic; collection resumes after it, as it was before (paused by someone else: stays so).
+    whole heap: ~30% of a bootstrap's CPU (bench/RESULTS.md, issue 16). What the read left
+    cyclic (aiokafka's fetch buffers held by a cycle) is collected once at the end, before the
+    view is swapped in: the supervisor freezes its heap before it forks the workers, and
+    garbage frozen there would never be freed. Then collection resumes as it was.
     """
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        gc.collect()
         if enabled:
             gc.enable()
 
