@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import pytricia
 
-from .addresses import BITS, format_address, packed
+from .addresses import BITS, format_address
 from .cidrs import range_to_cidrs
 from .ranges import Change
 
@@ -36,15 +36,22 @@ class Index:
         in the middle of a command) falls back to counting for the ranges that overlap.
         """
         index = cls()
-        last_end = {4: -1, 6: -1}
+        tries, last_ends = index._tries, {4: -1, 6: -1}
         for version, start, end in ranges:
-            if start <= last_end[version]:
+            trie, bits, last_end = tries[version], BITS[version], last_ends[version]
+            if start <= last_end:
                 index.add(version, start, end)
+                if end > last_end:
+                    last_ends[version] = end
+                continue
+            last_ends[version] = end
+            size = end - start + 1
+            if 0 <= start <= end and end >> bits == 0 and not size & (size - 1) and not start & (size - 1):
+                # the common range, one aligned block: its one prefix, without range_to_cidrs' loop
+                trie.insert(start.to_bytes(bits >> 3, "big"), bits + 1 - size.bit_length(), 1)
             else:
-                trie, bits = index._tries[version], BITS[version]
                 for network, length in range_to_cidrs(start, end, bits):
-                    trie.insert(packed(version, network), length, 1)
-            last_end[version] = max(last_end[version], end)
+                    trie.insert(network.to_bytes(bits >> 3, "big"), length, 1)
         for trie in (index._v4, index._v6):
             _relayout(trie)
         return index

@@ -8,6 +8,7 @@ adjacent), and every command costs O(log n + ranges it touches).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from itertools import repeat
 
 from sortedcontainers import SortedDict
 
@@ -134,8 +135,10 @@ class RangeSet:
     def ranges(self, version: int | None = None) -> Iterator[tuple[int, int, int]]:
         """Yield (version, first, last) in address order, IPv4 before IPv6."""
         for v in (4, 6) if version is None else (version,):
-            for start, end in self._spans[v].items():
-                yield v, start, end
+            spans = self._spans[v]
+            # keys in order, values by dict's own lookup: SortedDict.items() yields from a Python
+            # generator, ~1.4 µs a range, which made Index.build of a 1M view wait >1 s on it
+            yield from zip(repeat(v), spans, map(spans.__getitem__, spans))
 
     def find(self, version: int, value: int) -> Span | None:
         """The stored range holding an address, if any."""

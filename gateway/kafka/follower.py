@@ -23,12 +23,14 @@ No HTTP here: the server reads `index`, `ready` and the counters.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
 import zlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
@@ -309,16 +311,17 @@ class Follower:
             if records:
                 last[tp.partition] = records[-1]
 
-        await consumer.seek_to_beginning(*partitions)
-        ends = await read_to_end(consumer, partitions, collect)
-        claim = loader.rules.claim
-        if protect and self.ready.is_set() and self.log_id is not None and (
-                claim is None or (claim.log_id != self.log_id and not claim.new_log)):
-            self._go_static(f"the view topic now holds log {claim.log_id if claim else '(no claim)'}, "
-                            f"this gateway holds log {self.log_id}")
-            return
-        view = loader.load()
-        index = Index.build(view.ranges())
+        with cyclic_gc_paused():
+            await consumer.seek_to_beginning(*partitions)
+            ends = await read_to_end(consumer, partitions, collect)
+            claim = loader.rules.claim
+            if protect and self.ready.is_set() and self.log_id is not None and (
+                    claim is None or (claim.log_id != self.log_id and not claim.new_log)):
+                self._go_static(f"the view topic now holds log {claim.log_id if claim else '(no claim)'}, "
+                                f"this gateway holds log {self.log_id}")
+                return
+            view = loader.load()
+            index = Index.build(view.ranges())
         self._pending.clear()
         self.view, self.index = view, index  # one swap: requests see the old or the new, whole
         self._stale_before += self.rules.stale
@@ -483,6 +486,27 @@ class Follower:
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+
+@contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector for a bootstrap (reference counting still frees).
+
+    A bootstrap holds the fetched batches' records (tuples, tracked) while they are read, so
+    they outlive the young generations and keep triggering full collections that walk the
+    whole heap: ~30% of a bootstrap's CPU (bench/RESULTS.md, issue 16). What the read left
+    cyclic (aiokafka's fetch buffers held by a cycle) is collected once at the end, before the
+    view is swapped in: the supervisor freezes its heap before it forks the workers, and
+    garbage frozen there would never be freed. Then collection resumes as it was.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.collect()
+        if enabled:
+            gc.enable()
 
 
 class _Discard:
