@@ -69,9 +69,11 @@ def run(command: list[str], **kwargs) -> int:
     """Run a child in the foreground and wait for it to stop cleanly. SIGINT is passed on: the
     terminal's Ctrl-C reaches the child anyway (same process group), a `kill -INT` of this PID
     would not; twice is harmless (the child's handlers only ask it to stop). A script's background
-    job (`python3 dev.py demo &`) starts with SIGINT ignored: it is taken back here."""
+    job (`python3 dev.py demo &`) starts with SIGINT ignored: it is taken back here. SIGTERM is
+    passed on too: a `kill PID` of this process must stop the demo, not orphan it."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     child = subprocess.Popen(command, **kwargs)
+    signal.signal(signal.SIGTERM, lambda *_: child.poll() is None and child.send_signal(signal.SIGTERM))
     while True:
         try:
             return child.wait()

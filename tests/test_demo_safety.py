@@ -110,10 +110,12 @@ def test_port_0_ctrl_c_stops_children_in_order_and_a_clean_stop_leaves_no_folder
     assert list((tmp_path / "clean").iterdir()) == []  # a clean stop removes its log folder
 
 
-def test_dev_py_passes_sigint_sent_to_its_own_pid_on_to_the_child() -> None:
-    """`kill -INT <pid of python3 dev.py demo>` stops the demo (a terminal's Ctrl-C reaches both)."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_dev_py_passes_a_stop_signal_sent_to_its_own_pid_on_to_the_child(sig: signal.Signals) -> None:
+    """`kill -INT` or `kill <pid of python3 dev.py demo>` stops the demo, never orphans it (a
+    terminal's Ctrl-C reaches both)."""
     root = Path(__file__).resolve().parents[1]
-    child = ("import signal, sys, time; signal.signal(signal.SIGINT, lambda *_: (print('stopping', flush=True),"
+    child = (f"import signal, sys, time; signal.signal({int(sig)}, lambda *_: (print('stopping', flush=True),"
              " sys.exit(0))); print('ready', flush=True); time.sleep(60); sys.exit(3)")
     runner = subprocess.Popen(  # started with SIGINT ignored, as `python3 dev.py demo &` in a script is
         [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(root)!r}); import dev;"
@@ -122,7 +124,7 @@ def test_dev_py_passes_sigint_sent_to_its_own_pid_on_to_the_child() -> None:
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         assert runner.stdout.readline() == "ready\n"
-        runner.send_signal(signal.SIGINT)  # to dev.py's PID only, not its group
+        runner.send_signal(sig)  # to dev.py's PID only, not its group
         assert runner.wait(30) == 0
         assert runner.stdout.read() == "stopping\n"
     finally:
