@@ -734,9 +734,17 @@ def make_admin_app(
 
 
 async def _keep_index(app: web.Application) -> None:
-    """Read the command log in the background from start: explain and the listing never wait for a
-    first read of a long log inside a request."""
-    task = asyncio.ensure_future(app[COMMAND_INDEX].keep_up(interval=0.5))
+    """Read the command log in the background once the view is read: explain and the listing never
+    wait for a first read of a long log inside a request.
+
+    Not before the view: the view decides readiness, and the supervisor forks its workers from
+    its heap as it is when the view is in; an index read meanwhile would take CPU from the
+    bootstrap and be copied into every worker (a 1M-command index is ~0.3 GB)."""
+    async def keep() -> None:
+        await app[FOLLOWER].ready.wait()
+        await app[COMMAND_INDEX].keep_up(interval=0.5)
+
+    task = asyncio.ensure_future(keep())
 
     async def stop(app: web.Application) -> None:
         task.cancel()
