@@ -187,9 +187,10 @@ CASES = [
 ]
 
 
-async def send(port: int, data: bytes, want: int, closes: bool) -> tuple[bytes, bool]:
-    """Send `data`; read `want` bytes (or to EOF); then whether the peer closed."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def send(port: int, data: bytes, want: int, closes: bool, ssl=None) -> tuple[bytes, bool]:
+    """Send `data` (over TLS with `ssl`, a client SSLContext); read `want` bytes (or to EOF);
+    then whether the peer closed."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=ssl), 5)
     try:
         writer.write(data)
         received = b""

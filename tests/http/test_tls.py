@@ -21,7 +21,7 @@ import trustme
 from helpers import eventually, free_port
 from liveserve import gateway_process
 from proxyrig import Recorder, get, ranges, read_response, start_bidder, start_gateway
-from test_conformance import CASES, Case
+from test_conformance import CASES, Case, send
 
 from gateway.http.tls import Reloadable, TlsFiles, server_context
 
@@ -96,31 +96,12 @@ async def tls_front(recorder, ca, tmp_path, engine):
     await proxy.drain(0.1)
 
 
-async def send_tls(port: int, context: ssl.SSLContext, data: bytes, want: int, closes: bool) -> tuple[bytes, bool]:
-    """test_conformance.send over TLS: send `data`, read `want` bytes (or to EOF), then whether the peer closed."""
-    reader, writer = await connect(port, context)
-    try:
-        writer.write(data)
-        received = b""
-        while len(received) < want:
-            chunk = await asyncio.wait_for(reader.read(65536), 5)
-            if not chunk:
-                return received, True
-            received += chunk
-        if closes:
-            rest = await asyncio.wait_for(reader.read(65536), 5)
-            return received + rest, rest == b""
-        return received, False
-    finally:
-        writer.close()
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 async def test_case_over_tls(case: Case, tls_front, recorder, ca, engine) -> None:
     port, proxy = tls_front
     case = case.on(engine)
     recorder.reply = case.reply
-    answer, closed = await send_tls(port, client_context(ca), case.send, len(case.answer), case.closes)
+    answer, closed = await send(port, case.send, len(case.answer), case.closes, ssl=client_context(ca))
     assert answer == case.answer
     assert closed == case.closes
     hostport = f"127.0.0.1:{recorder.port}".encode()
