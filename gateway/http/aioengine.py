@@ -73,11 +73,6 @@ class AiohttpEngine(Core):
     def __init__(self, config: ServeConfig, view: View, stats: Stats | None = None) -> None:
         super().__init__(config, view, stats)
         self.access_log = config.access_log and ACCESS.isEnabledFor(logging.INFO)
-        self.max_connections = config.max_connections
-        self.max_buffered = config.max_buffered_bytes
-        self.buffered = 0  # request body bytes being gathered, over all connections
-        self.valid_hosts: set[bytes] = set()
-        self.draining = False
         self.response = Answers()
         self.server = _Server(self)
         self._sweeper: asyncio.Task | None = None
@@ -88,13 +83,8 @@ class AiohttpEngine(Core):
 
     # -- lifecycle --------------------------------------------------------------------
     async def serve(self, sock: socket.socket, ssl: _ssl.SSLContext | None = None) -> asyncio.AbstractServer:
-        """Accept clients on a listening socket (TLS when `ssl` is given); starts the sweeper.
-
-        The TLS handshake and close are bounded by the request timeout, as in the fast engine:
-        until they end the connection is not one aiohttp sees, so nothing else would bound it."""
-        timeout = self.config.request_timeout_s
-        tls = {"ssl": ssl, "ssl_handshake_timeout": timeout, "ssl_shutdown_timeout": timeout} if ssl else {}
-        server = await self.loop.create_server(self.server, sock=sock, backlog=4096, **tls)
+        """Accept clients on a listening socket (TLS when `ssl` is given); starts the sweeper."""
+        server = await self.listen(self.server, sock, ssl)
         self._sweeper = self.loop.create_task(self._sweep())
         return server
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from bisect import bisect_left
+from ssl import SSLContext
 from typing import Any, Protocol
 
 from . import openrtb
@@ -107,6 +109,23 @@ class Core:
         self.shadow = getattr(config, "mode", "enforce") == "shadow"  # forward would-be-blocked, count them
         self.in_flight = 0
         self._ready = False
+        # The front door's books, kept alike by both engines:
+        self.max_connections = config.max_connections
+        self.max_buffered = config.max_buffered_bytes
+        self.buffered = 0  # request body bytes being gathered, over all connections
+        self.valid_hosts: set[bytes] = set()  # Host values seen valid: a set lookup, not a regex, per request
+        self.draining = False
+
+    async def listen(self, protocol_factory: Any, sock: socket.socket, ssl: SSLContext | None) -> asyncio.AbstractServer:
+        """Accept an engine's clients on a listening socket (over TLS with `ssl`).
+
+        A TLS handshake must end within the request timeout: until it does, the connection is
+        not the engine's (no connection_made), so nothing else would bound it. So must the TLS
+        close (our close_notify, the client's answer): until then the connection still counts
+        against max_connections (uvloop's default wait is 30 s)."""
+        timeout = self.config.request_timeout_s
+        tls = {"ssl": ssl, "ssl_handshake_timeout": timeout, "ssl_shutdown_timeout": timeout} if ssl else {}
+        return await self.loop.create_server(protocol_factory, sock=sock, backlog=4096, **tls)
 
     def ready(self) -> bool:
         """Whether the view is bootstrapped (cached once true: readiness is never lost)."""

@@ -71,26 +71,14 @@ class Proxy(Core):
     def __init__(self, config: ServeConfig, view: View, stats: Stats | None = None) -> None:
         super().__init__(config, view, stats)
         self.access_log = config.access_log and ACCESS.isEnabledFor(logging.INFO)
-        self.max_connections = config.max_connections
-        self.max_buffered = config.max_buffered_bytes
-        self.buffered = 0  # request body bytes being gathered, over all connections
-        self.valid_hosts: set[bytes] = set()  # Host values seen valid: a set lookup, not a regex, per request
         self.connections: set[HttpConnection] = set()
-        self.draining = False
         self._answers = Answers()
         self._sweeper: asyncio.Task | None = None
 
     # -- lifecycle --------------------------------------------------------------------
     async def serve(self, sock: socket.socket, ssl: SSLContext | None = None) -> asyncio.Server:
-        """Accept clients on a listening socket (over TLS with `ssl`); starts the idle/slow sweeper.
-
-        A TLS handshake must end within the request timeout: until it does, the connection is
-        not one of ours (no connection_made), so nothing else would bound it. So must the TLS
-        close (our close_notify, the client's answer): until then the connection still counts
-        against max_connections (uvloop's default wait is 30 s)."""
-        timeout = self.config.request_timeout_s
-        tls = {"ssl": ssl, "ssl_handshake_timeout": timeout, "ssl_shutdown_timeout": timeout} if ssl else {}
-        server = await self.loop.create_server(lambda: HttpConnection(self), sock=sock, backlog=4096, **tls)
+        """Accept clients on a listening socket (over TLS with `ssl`); starts the idle/slow sweeper."""
+        server = await self.listen(lambda: HttpConnection(self), sock, ssl)
         self._sweeper = self.loop.create_task(self._sweep())
         return server
 
